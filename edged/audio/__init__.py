@@ -1,0 +1,1 @@
+"""Audio: capture from ALSA and the stream-time indexed buffer."""

@@ -1,0 +1,173 @@
+"""Capture from ALSA with pyalsaaudio, in a thread of its own.
+
+ALSA reads block for one period; doing them on the event loop would stall
+the network. The thread hands each whole period to the loop with
+`call_soon_threadsafe`, so the buffer is only ever touched by the loop.
+
+A device that is missing or vanishes (USB unplugged) is reopened with
+backoff and reported; a device that cannot deliver 16 kHz S16_LE mono is
+refused for good, because streaming at the wrong rate would garble every
+transcript and shift every timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import alsaaudio
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
+
+from edged.config import CHANNELS, SAMPLE_RATE, AudioSettings
+from edged.errors import CaptureError, CaptureFormatError
+
+log = logging.getLogger("edged.capture")
+
+
+@dataclass
+class CaptureStats:
+    """Written by the capture thread, read by the loop (ints: atomic under the GIL)."""
+
+    open: bool = False
+    periods: int = 0
+    overruns: int = 0
+    reopen_attempts: int = 0
+    last_error: str | None = None
+
+
+def open_pcm(settings: AudioSettings) -> Any:
+    """Open the capture device and check what ALSA actually negotiated."""
+    try:
+        pcm = alsaaudio.PCM(
+            type=alsaaudio.PCM_CAPTURE,
+            mode=alsaaudio.PCM_NORMAL,
+            device=settings.device,
+            rate=SAMPLE_RATE,
+            channels=CHANNELS,
+            format=alsaaudio.PCM_FORMAT_S16_LE,
+            periodsize=settings.chunk_frames,
+            periods=4,
+        )
+    except alsaaudio.ALSAAudioError as error:
+        raise CaptureError(f"cannot open ALSA device {settings.device!r}: {error}") from None
+    info = pcm.info()
+    got = (info.get("rate"), info.get("channels"), info.get("format_name"))
+    if got != (SAMPLE_RATE, CHANNELS, "S16_LE"):
+        pcm.close()
+        raise CaptureFormatError(
+            f"device {settings.device!r} offers rate={got[0]} channels={got[1]} "
+            f"format={got[2]}, not {SAMPLE_RATE} Hz mono S16_LE; use a device where ALSA "
+            f"converts, such as 'plughw:...' instead of 'hw:...', or 'default'",
+            key="audio.device",
+        )
+    return pcm
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    # A missing device may come back (USB re-plugged); a wrong format never will.
+    return isinstance(error, CaptureError) and not isinstance(error, CaptureFormatError)
+
+
+class Capture:
+    """Reads the microphone in a thread; calls `on_audio(bytes)` on the loop."""
+
+    def __init__(
+        self,
+        settings: AudioSettings,
+        loop: asyncio.AbstractEventLoop,
+        on_audio: Callable[[bytes], None],
+        on_fatal: Callable[[BaseException], None],
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.settings = settings
+        self.stats = CaptureStats()
+        self._loop = loop
+        self._on_audio = on_audio
+        self._on_fatal = on_fatal
+        self._on_change = on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edged-capture", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop reading. A read blocks at most one period on a real device; a
+        stalled one (a FIFO nobody feeds) cannot be interrupted, and the
+        thread is a daemon, so we do not wait for it past `timeout`."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                pcm = self._open_with_backoff()
+                if pcm is None:
+                    return
+                try:
+                    self._read_until_error(pcm)
+                finally:
+                    pcm.close()
+                    self._set_open(False)
+        except BaseException as error:
+            self._loop.call_soon_threadsafe(self._on_fatal, error)
+
+    def _open_with_backoff(self) -> Any:
+        retrying = Retrying(
+            retry=retry_if_exception(_worth_retrying),
+            wait=wait_exponential_jitter(initial=1, max=30),
+            sleep=self._sleep,
+            before_sleep=self._report_open_failure,
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                if self._stop.is_set():
+                    return None
+                pcm = open_pcm(self.settings)
+                log.info("capture.open device=%s period_ms=%d", self.settings.device,
+                         self.settings.chunk_ms)
+                self.stats.last_error = None
+                self._set_open(True)
+                return pcm
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # interruptible, so SIGTERM is not held up
+
+    def _report_open_failure(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        self.stats.reopen_attempts += 1
+        self.stats.last_error = str(error)
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning("capture.unavailable attempt=%d retry_in=%.1fs error=%s",
+                    state.attempt_number, delay, error)
+        self._loop.call_soon_threadsafe(self._on_change)
+
+    def _read_until_error(self, pcm: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                length, data = pcm.read()
+            except alsaaudio.ALSAAudioError as error:
+                self.stats.last_error = f"device lost: {error}"
+                log.warning("capture.lost device=%s error=%s", self.settings.device, error)
+                return
+            if length == -errno.EPIPE or length < 0:
+                # Overrun: we were too slow and ALSA dropped samples. pyalsaaudio
+                # has already recovered the stream; count it and read on.
+                self.stats.overruns += 1
+                if self.stats.overruns in (1, 10, 100) or self.stats.overruns % 1000 == 0:
+                    log.warning("capture.overrun count=%d", self.stats.overruns)
+                continue
+            if data and not self._stop.is_set():
+                self.stats.periods += 1
+                self._loop.call_soon_threadsafe(self._on_audio, data)
+
+    def _set_open(self, is_open: bool) -> None:
+        self.stats.open = is_open
+        self._loop.call_soon_threadsafe(self._on_change)

@@ -1,0 +1,163 @@
+"""The `edged` command: run, check-config, devices, stt-server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edged import __version__
+from edged.config import LoadedConfig, effective_items, load_config
+from edged.errors import EX_CONFIG, ConfigError
+from edged.logs import setup_logging
+
+log = logging.getLogger("edged")
+
+# Flags that set configuration keys: (flag, dotted key, type, help)
+_SETTING_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--device-id", "device.id", str, "device id used in MQTT topics"),
+    ("--audio-device", "audio.device", str, "ALSA capture PCM, e.g. plughw:1,0"),
+    ("--stt-url", "stt.url", str, "WebSocket endpoint of the STT service"),
+    ("--mqtt-host", "mqtt.host", str, "MQTT broker host"),
+    ("--mqtt-port", "mqtt.port", int, "MQTT broker port"),
+    ("--state-dir", "state_dir", str, "directory for durable state"),
+    ("--log-level", "log_level", str, "debug, info, warning or error"),
+]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", action="append", type=Path, metavar="PATH",
+        help="config file (repeatable; default /etc/edged/edged.toml and conf.d/*.toml)",
+    )
+    for flag, dotted, kind, text in _SETTING_FLAGS:
+        parser.add_argument(flag, dest=dotted, type=kind, metavar="VALUE", help=text)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {dotted: getattr(args, dotted) for _, dotted, _, _ in _SETTING_FLAGS}
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    return load_config(args.config, flags=_flags(args))
+
+
+def _config_failed(error: ConfigError) -> int:
+    print(f"edged: configuration error: {error}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args)
+    except ConfigError as error:
+        return _config_failed(error)
+    settings = loaded.settings
+    setup_logging(settings.log_level, secrets=[settings.api_key or ""])
+    if not settings.api_key:
+        log.warning("stt.no_api_key hint=set stt.api_key_file or EDGED_STT__API_KEY")
+    from edged.supervisor import run_daemon  # imports ALSA and paho only when running
+
+    try:
+        return asyncio.run(run_daemon(settings))
+    except OSError as error:
+        log.error("edged.fatal error=%s", error)
+        return 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args)
+    except ConfigError as error:
+        return _config_failed(error)
+    rows = [(key, json.dumps(value), source) for key, value, source in effective_items(loaded)]
+    width = max(len(key) + len(value) + 3 for key, value, _ in rows)
+    for key, value, source in rows:
+        print(f"{key} = {value}".ljust(width), f"# {source}")
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import alsaaudio
+
+    cards = alsaaudio.cards()
+    print("Sound cards:")
+    if not cards:
+        print("  (none: is the microphone plugged in, and is this user in group 'audio'?)")
+    for index, name in zip(alsaaudio.card_indexes(), cards, strict=False):
+        long_name = alsaaudio.card_name(index)[1] if hasattr(alsaaudio, "card_name") else name
+        print(f"  card {index}: {name} ({long_name})   -> audio.device = \"plughw:{index},0\"")
+    print("\nCapture PCMs (usable as audio.device):")
+    for pcm in alsaaudio.pcms(alsaaudio.PCM_CAPTURE):
+        hint = ""
+        if pcm.startswith("hw:"):
+            hint = "   (raw: may not do 16 kHz mono; prefer plughw:)"
+        print(f"  {pcm}{hint}")
+    return 0
+
+
+def cmd_stt_server(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    api_key = None
+    if args.api_key_file:
+        try:
+            api_key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            print(f"edged: cannot read --api-key-file: {error.strerror}", file=sys.stderr)
+            return EX_CONFIG
+    try:
+        from edged.localstt import serve
+    except ImportError as error:
+        print(f"edged: stt-server needs PocketSphinx: pip install 'edged[localstt]' ({error})",
+              file=sys.stderr)
+        return 1
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port, api_key=api_key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edged",
+        description="Edge audio daemon: ALSA microphone -> streaming STT -> MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="capture, transcribe and publish (the daemon)")
+    _add_config_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("check-config", help="validate and print the configuration")
+    _add_config_arguments(check)
+    check.set_defaults(handler=cmd_check_config)
+
+    devices = commands.add_parser("devices", help="list ALSA capture devices")
+    devices.set_defaults(handler=cmd_devices)
+
+    server = commands.add_parser(
+        "stt-server", help="run a local router.audio-compatible STT server (PocketSphinx)"
+    )
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8765)
+    server.add_argument("--api-key-file", type=Path, help="require this key in x-api-key")
+    server.add_argument("--log-level", default="info")
+    server.set_defaults(handler=cmd_stt_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Settings: the models, where each value comes from, and validation.
+
+Sources, highest first (the contract in design.md):
+
+1. command-line flags
+2. environment variables ``EDGED_<SECTION>__<KEY>``
+3. the ``[devices."<device id>"]`` section of the config files
+4. the config files, later files above earlier ones
+5. defaults
+
+Every value remembers its source so that errors and ``edged check-config`` can
+name it. Files and variables are merged by pydantic-settings from one source
+object per layer; the models forbid unknown keys.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edged.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/edged/edged.toml")
+DEFAULT_CONFIG_DIR = Path("/etc/edged/conf.d")
+ENV_PREFIX = "EDGED_"
+ENV_NESTING = "__"
+DEFAULT_SOURCE = "default"
+ENV_SOURCE = "environment"
+
+SAMPLE_RATE = 16_000
+SAMPLE_WIDTH = 2  # bytes, s16le
+CHANNELS = 1
+
+# A device id and the base topic end up in MQTT topic names: no wildcards, no
+# empty levels, nothing a shell or a file name would trip over.
+_TOPIC_LEVEL = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSettings(_Section):
+    id: str = Field(default_factory=socket.gethostname, pattern=rf"^{_TOPIC_LEVEL}$")
+
+
+class AudioSettings(_Section):
+    device: str = Field(default="default", min_length=1)
+    chunk_ms: int = Field(default=100, ge=20, le=250)
+
+    @property
+    def chunk_frames(self) -> int:
+        return SAMPLE_RATE * self.chunk_ms // 1000
+
+
+class SttSettings(_Section):
+    url: str = "wss://api.router.audio/v1/listen"
+    provider: str = Field(default="deepgram", min_length=1)
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    replay_speed: float = Field(default=1.25, ge=1.0, le=20.0)
+    close_message: str = '{"type":"CloseStream"}'
+    close_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    ping_interval_s: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _websocket_url(cls, url: str) -> str:
+        if not re.match(r"^wss?://[^/?#]+", url):
+            raise ValueError("must be a ws:// or wss:// URL")
+        return url
+
+    @field_validator("close_message")
+    @classmethod
+    def _json_text(cls, message: str) -> str:
+        try:
+            json.loads(message)
+        except ValueError as error:
+            raise ValueError(f"must be a JSON text frame ({error})") from None
+        return message
+
+
+class BufferSettings(_Section):
+    max_seconds: int = Field(default=120, ge=5, le=3600)
+    spool_max_mb: int = Field(default=256, ge=0, le=65536)
+
+
+class MqttSettings(_Section):
+    host: str = Field(default="localhost", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    base_topic: str = Field(default="edged", pattern=rf"^{_TOPIC_LEVEL}(/{_TOPIC_LEVEL})*$")
+    qos: Literal[0, 1, 2] = 1
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    drain_timeout_s: float = Field(default=5.0, ge=0, le=120)
+
+
+class VadSettings(_Section):
+    enabled: bool = False
+
+    @field_validator("enabled")
+    @classmethod
+    def _not_yet(cls, enabled: bool) -> bool:
+        if enabled:
+            raise ValueError("voice-activity gating is not available in this version of edged")
+        return enabled
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= hands us the path; elsewhere use the FHS place.
+    return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edged").split(":")[0])
+
+
+class Settings(BaseSettings):
+    """The whole effective configuration of one edged instance."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    stt: SttSettings = Field(default_factory=SttSettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first, as pydantic-settings expects.
+        layers = _LAYERS.get()
+        return tuple(_LayerSource(settings_cls, layer) for layer in reversed(layers))
+
+    @property
+    def api_key(self) -> str | None:
+        return self.stt.api_key.get_secret_value() if self.stt.api_key else None
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"edged-{self.device.id}"
+
+
+SECRET_KEYS = frozenset({"stt.api_key"})
+
+
+# ---------------------------------------------------------------------------
+# Layers: one per file, device section, environment and flags.
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Values from one source, flattened to dotted keys."""
+
+    source: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def nested(self) -> dict[str, Any]:
+        tree: dict[str, Any] = {}
+        for dotted, value in self.values.items():
+            node = tree
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return tree
+
+
+_LAYERS: contextvars.ContextVar[Sequence[Layer]] = contextvars.ContextVar("edged_layers")
+
+
+class _LayerSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], layer: Layer):
+        super().__init__(settings_cls)
+        self.layer = layer
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.layer.nested().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.layer.nested()
+
+
+# Keys whose values are tables in their own right: flattening stops there, so
+# that `stt.params.language` stays a key of the `stt.params` table.
+_TABLE_KEYS = frozenset({"stt.params"})
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted not in _TABLE_KEYS:
+            yield from _flatten(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"not valid TOML: {error}", source=source) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read: {error.strerror}", source=source) from None
+
+
+@dataclass(frozen=True)
+class FileLayers:
+    base: list[Layer]
+    devices: list[tuple[str, dict[str, dict[str, Any]]]]  # (file, {device id: table})
+
+
+def _file_layers(paths: Sequence[Path]) -> FileLayers:
+    base: list[Layer] = []
+    devices: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    for path in paths:
+        source = str(path)
+        tree = _read_toml(path, source)
+        device_tables = tree.pop("devices", {})
+        if not isinstance(device_tables, dict) or not all(
+            isinstance(table, dict) for table in device_tables.values()
+        ):
+            raise ConfigError('must be tables like [devices."<id>"]', key="devices", source=source)
+        base.append(Layer(source, dict(_flatten(tree))))
+        devices.append((source, device_tables))
+    return FileLayers(base, devices)
+
+
+def _env_layer(environ: Mapping[str, str]) -> Layer:
+    values: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
+        if not all(parts):
+            raise ConfigError("malformed variable name", key=name, source=ENV_SOURCE)
+        value: Any = raw
+        if raw.startswith("{"):  # a table such as EDGED_STT__PARAMS='{"language": "de"}'
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                raise ConfigError("not valid JSON", key=name, source=ENV_SOURCE) from None
+        values[".".join(parts)] = value
+    return Layer(ENV_SOURCE, dict(_flatten(_unflatten(values))))
+
+
+def _unflatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    return Layer("", dict(values)).nested()
+
+
+def default_config_paths() -> list[Path]:
+    paths = [DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.exists() else []
+    if DEFAULT_CONFIG_DIR.is_dir():
+        paths += sorted(DEFAULT_CONFIG_DIR.glob("*.toml"))
+    return paths
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    settings: Settings
+    layers: list[Layer]  # lowest priority first
+
+    def source_of(self, dotted: str) -> str:
+        return _source_of(self.layers, dotted)
+
+
+def _source_of(layers: Sequence[Layer], dotted: str) -> str:
+    for layer in reversed(layers):
+        if any(key == dotted or key.startswith(f"{dotted}.") for key in layer.values):
+            return _describe(layer, dotted)
+        if any(dotted.startswith(f"{key}.") for key in layer.values):  # inside a table value
+            return _describe(layer, dotted)
+    return DEFAULT_SOURCE
+
+
+def _describe(layer: Layer, dotted: str) -> str:
+    if layer.source == ENV_SOURCE:
+        return f"environment variable {env_variable(dotted)}"
+    return layer.source
+
+
+def env_variable(dotted: str) -> str:
+    """The variable that sets a dotted key: stt.api_key -> EDGED_STT__API_KEY."""
+    return ENV_PREFIX + dotted.upper().replace(".", ENV_NESTING)
+
+
+def load_config(
+    config_paths: Sequence[Path] | None = None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Build the effective settings, or raise ConfigError naming key and source.
+
+    `config_paths` None means the default files, each skipped when absent; a
+    path given explicitly must exist.
+    """
+    environ = os.environ if environ is None else environ
+    paths = default_config_paths() if config_paths is None else list(config_paths)
+    files = _file_layers(paths)
+    env = _env_layer(environ)
+    flag_layer = Layer("command line", {k: v for k, v in (flags or {}).items() if v is not None})
+
+    device_id = _pick_device_id([*files.base, env, flag_layer])
+    device_layers = _device_layers(files, device_id)
+    layers = [*files.base, *device_layers, env, flag_layer]
+    layers = _resolve_secret_file(layers)
+
+    token = _LAYERS.set(layers)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        raise _config_error(error, layers) from None
+    finally:
+        _LAYERS.reset(token)
+    return LoadedConfig(settings, layers)
+
+
+def _pick_device_id(layers: Sequence[Layer]) -> str | None:
+    for layer in reversed(layers):
+        if "device.id" in layer.values:
+            return str(layer.values["device.id"])
+    return None
+
+
+def _device_layers(files: FileLayers, device_id: str | None) -> list[Layer]:
+    device_id = device_id or socket.gethostname()
+    layers = []
+    for source, tables in files.devices:
+        for table_id, table in tables.items():
+            values = dict(_flatten(table))
+            for key in values:
+                if key.startswith("device.") or key.startswith("devices"):
+                    raise ConfigError(
+                        "cannot be set inside a device section",
+                        key=f'devices."{table_id}".{key}',
+                        source=source,
+                    )
+            if table_id == device_id:
+                layers.append(Layer(f'{source} [devices."{table_id}"]', values))
+    return layers
+
+
+def _resolve_secret_file(layers: list[Layer]) -> list[Layer]:
+    """Replace `stt.api_key_file` by the key it holds, in the layer that named it."""
+    for index in range(len(layers) - 1, -1, -1):
+        layer = layers[index]
+        if "stt.api_key" in layer.values:
+            return layers  # a key given directly outranks any file below it
+        if "stt.api_key_file" not in layer.values:
+            continue
+        path = Path(str(layer.values["stt.api_key_file"]))
+        try:
+            mode = path.stat().st_mode
+            secret = path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read {path}: {error.strerror}", key="stt.api_key_file", source=layer.source
+            ) from None
+        if mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{path} is readable by every user; chmod o-r it (the key is a secret)",
+                key="stt.api_key_file",
+                source=layer.source,
+            )
+        if not secret:
+            raise ConfigError(f"{path} is empty", key="stt.api_key_file", source=layer.source)
+        values = dict(layer.values)
+        values["stt.api_key"] = secret
+        layers = list(layers)
+        layers[index] = Layer(layer.source, values)
+        return layers
+    return layers
+
+
+def _config_error(error: ValidationError, layers: Sequence[Layer]) -> ConfigError:
+    first = error.errors()[0]
+    dotted = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key" if "." in dotted else "unknown section or key"
+    elif "input" in first and dotted not in SECRET_KEYS:
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    if more:
+        message += f"; and {more} more problem{'s' if more > 1 else ''}"
+    return ConfigError(message, key=dotted, source=_source_of(layers, dotted))
+
+
+# ---------------------------------------------------------------------------
+# Presentation: the effective configuration, secrets masked.
+
+MASK = "********"
+
+
+def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, printable value, source) for every setting."""
+    data = loaded.settings.model_dump(mode="json")
+    for dotted, value in _flatten(data):
+        if dotted in SECRET_KEYS:
+            value = MASK if value is not None else None
+        source = loaded.source_of(dotted)
+        if dotted == "stt.api_key" and source != DEFAULT_SOURCE:
+            api_key_file = loaded.source_of("stt.api_key_file")
+            if api_key_file != DEFAULT_SOURCE and loaded.settings.stt.api_key_file:
+                source = f"{loaded.settings.stt.api_key_file} via {api_key_file}"
+        yield dotted, value, source

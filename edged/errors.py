@@ -1,0 +1,63 @@
+"""One exception tree for edged, so callers can catch what they mean.
+
+`EdgedError` is the root. Each subclass names the part of the data path that
+failed, and carries the exit status the daemon should end with when the error
+is fatal.
+"""
+
+from __future__ import annotations
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd must not restart on it
+
+
+class EdgedError(Exception):
+    """Base class of every error edged raises on purpose."""
+
+    exit_status = 1
+
+
+class ConfigError(EdgedError):
+    """The configuration is invalid; `key` and `source` say where."""
+
+    exit_status = EX_CONFIG
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        self.key = key
+        self.source = source
+        where = ""
+        if key:
+            where = f"{key}"
+            if source:
+                where += f" (from {source})"
+            where += ": "
+        elif source:
+            where = f"{source}: "
+        super().__init__(f"{where}{message}")
+
+
+class CaptureError(EdgedError):
+    """The microphone could not be opened or read."""
+
+
+class CaptureFormatError(CaptureError, ConfigError):
+    """The device cannot deliver 16 kHz S16_LE mono; retrying will not help."""
+
+
+class SttError(EdgedError):
+    """A failure talking to the speech-to-text service."""
+
+
+class SttAuthError(SttError):
+    """The service rejected our credentials (HTTP 401/403)."""
+
+
+class SttRateLimited(SttError):
+    """The service asked us to slow down (HTTP 429)."""
+
+    def __init__(self, message: str, *, retry_after: float | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SttTransientError(SttError):
+    """A failure worth retrying soon: network, 5xx, abnormal close."""

@@ -1,0 +1,1 @@
+"""MQTT: topics, payloads and the publisher."""

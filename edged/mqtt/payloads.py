@@ -1,0 +1,62 @@
+"""Topics and payloads: the MQTT half of the contract, without I/O."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edged.stt.protocol import Final, samples_to_seconds
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+@dataclass(frozen=True)
+class Topics:
+    base: str
+    device: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.base}/{self.device}"
+
+    @property
+    def transcript(self) -> str:
+        return f"{self.root}/transcript"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.root}/availability"
+
+    @property
+    def state(self) -> str:
+        return f"{self.root}/state"
+
+
+def _seconds(samples: int) -> float:
+    return round(samples_to_seconds(samples), 3)
+
+
+def transcript_payload(
+    final: Final, *, seq: int, device: str, provider: str, time: str | None
+) -> bytes:
+    body: dict[str, Any] = {
+        "seq": seq,
+        "device": device,
+        "provider": final.provider or provider,
+        "text": final.text,
+        "start": _seconds(final.start),
+        "end": _seconds(final.end),
+        "time": time,
+        "words": [
+            {
+                "text": word.text,
+                "start": _seconds(word.start),
+                "end": _seconds(word.end),
+                "speaker": word.speaker,
+            }
+            for word in final.words
+        ],
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,172 @@
+"""The MQTT publisher: availability, retained state, transcripts from the outbox.
+
+paho-mqtt runs its network loop in its own thread and reconnects by itself;
+its callbacks are marshalled onto the asyncio loop, which alone touches the
+outbox. Each outbox item is handed to paho once per process: paho keeps QoS 1
+messages until PUBACK and re-sends them after a reconnect, and the outbox row
+is deleted only on PUBACK. What is left at exit is published on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edged.config import Settings
+from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
+from edged.outbox import Outbox, OutboxItem
+
+log = logging.getLogger("edged.mqtt")
+
+
+class MqttPublisher:
+    def __init__(self, settings: Settings, outbox: Outbox, loop: asyncio.AbstractEventLoop):
+        self.settings = settings
+        self.topics = Topics(settings.mqtt.base_topic, settings.device.id)
+        self.outbox = outbox
+        self.connected = False
+        self.connect_failures = 0
+        self.last_error: str | None = None
+        self._loop = loop
+        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._handed_over: set[int] = set()  # seqs paho holds
+        self._drained = asyncio.Event()
+        self._last_state: bytes | None = None
+        self._client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.settings.mqtt_client_id,
+            clean_session=True,  # durability is the outbox's job, not the broker's
+            reconnect_on_failure=True,
+        )
+        client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # The outbox bounds what waits; paho must not drop what we hand it.
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_publish = self._on_publish
+        return client
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        mqtt = self.settings.mqtt
+        log.info("mqtt.connecting host=%s port=%d client_id=%s", mqtt.host, mqtt.port,
+                 self.settings.mqtt_client_id)
+        self._client.connect_async(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s)
+        self._client.loop_start()
+        for item in self.outbox.pending():  # left over from an earlier run
+            self.submit(item)
+
+    async def stop(self, within_s: float) -> None:
+        """Publish what the outbox holds (bounded), then `offline`, then disconnect."""
+        await self.drain(within_s)
+        if self.connected:
+            info = self._client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
+            # Raises if the connection went meanwhile: the Last Will covers that.
+            with contextlib.suppress(RuntimeError, ValueError):
+                await asyncio.to_thread(info.wait_for_publish, max(within_s, 1.0))
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        if self.outbox.depth:
+            log.warning("mqtt.unpublished items=%d kept_for_next_start=true", self.outbox.depth)
+
+    async def drain(self, within_s: float) -> bool:
+        """Wait until every outbox item is acknowledged, or `within_s` passed."""
+        if self.outbox.depth == 0:
+            return True
+        self._drained.clear()
+        try:
+            await asyncio.wait_for(self._drained.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- publishing ---------------------------------------------------------
+
+    def submit(self, item: OutboxItem) -> None:
+        """Hand a committed outbox item to paho (queued by it while disconnected)."""
+        if item.seq in self._handed_over:
+            return
+        info = self._client.publish(self.topics.transcript, item.payload,
+                                    qos=self.settings.mqtt.qos)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("mqtt.publish_refused seq=%d rc=%s", item.seq, info.rc)
+            return
+        self._handed_over.add(item.seq)
+        if self.settings.mqtt.qos == 0:
+            self._acknowledged(item.seq)  # no PUBACK will come
+        else:
+            self._in_flight[info.mid] = item.seq
+
+    def publish_state(self, payload: bytes) -> None:
+        """Retained state, sent when it changed and the broker is there."""
+        if not self.connected or payload == self._last_state:
+            return
+        self._client.publish(self.topics.state, payload, qos=1, retain=True)
+        self._last_state = payload
+
+    def _acknowledged(self, seq: int) -> None:
+        self._handed_over.discard(seq)
+        self.outbox.remove(seq)
+        if self.outbox.depth == 0:
+            self._drained.set()
+
+    # -- paho callbacks (paho's thread) -------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
+                    reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            self._loop.call_soon_threadsafe(self._connect_failed, f"refused: {reason}")
+            return
+        client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        self._loop.call_soon_threadsafe(self._connected)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Any) -> None:
+        self._loop.call_soon_threadsafe(self._disconnected, str(reason))
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._loop.call_soon_threadsafe(self._connect_failed, "broker unreachable")
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
+                    reason: ReasonCode, properties: Any) -> None:
+        self._loop.call_soon_threadsafe(self._published, mid)
+
+    # -- the same events, on the loop -----------------------------------------
+
+    def _connected(self) -> None:
+        self.connected = True
+        self.connect_failures = 0
+        self.last_error = None
+        self._last_state = None  # the broker may have lost it: send again
+        log.info("mqtt.connected host=%s", self.settings.mqtt.host)
+
+    def _disconnected(self, reason: str) -> None:
+        if self.connected:
+            log.warning("mqtt.disconnected reason=%s", reason)
+        self.connected = False
+
+    def _connect_failed(self, reason: str) -> None:
+        self.connect_failures += 1
+        self.last_error = f"mqtt: {reason}"
+        # paho retries every 1..30 s; one line per few attempts is enough.
+        if self.connect_failures in (1, 2, 5) or self.connect_failures % 20 == 0:
+            log.warning("mqtt.connect_failed host=%s port=%d attempts=%d reason=%s",
+                        self.settings.mqtt.host, self.settings.mqtt.port,
+                        self.connect_failures, reason)
+
+    def _published(self, mid: int) -> None:
+        seq = self._in_flight.pop(mid, None)
+        if seq is not None:
+            self._acknowledged(seq)

@@ -1,0 +1,275 @@
+"""The STT session: one WebSocket at a time to the service, for the daemon's life.
+
+The asyncio adapter around `edged.stt.protocol`. It sends buffered audio as
+binary frames, turns text frames into finals placed in stream time, and when
+a connection is lost it reconnects (tenacity) and re-sends from the end of
+the last final, so nothing captured goes untranscribed and nothing is
+transcribed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from edged.audio.buffer import AudioBuffer
+from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
+from edged.errors import SttAuthError, SttError, SttRateLimited, SttTransientError
+from edged.stt.protocol import (
+    Final,
+    FinalFilter,
+    MalformedFrame,
+    OtherMessage,
+    ReplayPacer,
+    SessionTimeline,
+    TranscriptMessage,
+    listen_url,
+    parse_frame,
+    place_final,
+    samples_to_seconds,
+)
+
+log = logging.getLogger("edged.stt")
+
+MIN_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 10  # 100 ms: the protocol's smallest frame
+MAX_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 4  # 250 ms: its largest
+AUTH_RETRY_S = 60.0  # a rejected key will not heal in seconds: no hot loop
+STABLE_SESSION_S = 30.0  # a session that lived this long resets the backoff
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+TRANSIENT_CLOSE_CODES = frozenset({1006, 1011, 1012, 1013})
+
+
+@dataclass
+class SttStats:
+    state: str = "connecting"  # connecting | connected | disconnected | auth_failed | closed
+    sessions: int = 0
+    reconnects: int = 0
+    finals: int = 0
+    malformed_frames: int = 0
+    last_error: str | None = None
+
+
+class SttSession:
+    def __init__(
+        self,
+        settings: Settings,
+        buffer: AudioBuffer,
+        on_final: Callable[[Final], None],
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.settings = settings
+        self.buffer = buffer
+        self.stats = SttStats()
+        self.url = listen_url(settings.stt.url, settings.stt.provider, settings.stt.params)
+        self.finals = FinalFilter()
+        self._on_final = on_final
+        self._on_change = on_change
+        self._audio = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._failures = 0  # consecutive, for the backoff
+
+    # -- called by the supervisor -------------------------------------------
+
+    def audio_arrived(self) -> None:
+        self._audio.set()
+
+    def close(self) -> None:
+        """Finish: send what is buffered, then the close message, then wait for the
+        last finals and the service's close. `run` returns after; the caller
+        bounds the wait (`stt.close_timeout_s`)."""
+        self._closing.set()
+        self._audio.set()
+
+    async def run(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(SttError),
+            wait=self._backoff,
+            sleep=self._sleep,
+            before_sleep=self._report_failure,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if self._closing.is_set():
+                    break
+                await self._session()
+        self.stats.state = "closed"
+
+    # -- one connection ------------------------------------------------------
+
+    async def _session(self) -> None:
+        connection = await self._connect()
+        opened_at = time.monotonic()
+        self.stats.sessions += 1
+        if self.stats.sessions > 1:
+            self.stats.reconnects += 1
+        self.stats.state = "connected"
+        self.stats.last_error = None
+        timeline = SessionTimeline()
+        start = max(self.finals.acknowledged, self.buffer.oldest)
+        log.info("stt.connected session=%d resend_from=%.3fs backlog=%.1fs",
+                 self.stats.sessions, samples_to_seconds(start),
+                 samples_to_seconds(self.buffer.head - start))
+        self._on_change()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._send(connection, timeline, start), name="stt-send")
+                tasks.create_task(self._receive(connection, timeline), name="stt-receive")
+        except* ConnectionClosed as group:
+            closed = group.exceptions[0]
+            assert isinstance(closed, ConnectionClosed)
+            raise self._closed_error(closed) from None
+        finally:
+            await connection.close()
+            self.buffer.session_lost(self.finals.acknowledged)
+            if time.monotonic() - opened_at >= STABLE_SESSION_S:
+                self._failures = 0
+            self.stats.state = "closed" if self._closing.is_set() else "disconnected"
+            self._on_change()
+
+    async def _connect(self) -> ClientConnection:
+        stt = self.settings.stt
+        headers = {"x-api-key": self.settings.api_key} if self.settings.api_key else {}
+        try:
+            return await connect(
+                self.url,
+                additional_headers=headers,
+                open_timeout=stt.connect_timeout_s,
+                ping_interval=stt.ping_interval_s,  # notices a half-open connection
+                ping_timeout=stt.ping_interval_s,
+                close_timeout=stt.close_timeout_s,
+                compression=None,  # PCM does not compress; deflate only burns CPU
+                max_size=1 << 20,
+            )
+        except InvalidStatus as error:
+            raise _status_error(error) from None
+        except InvalidURI as error:
+            raise SttTransientError(f"invalid URL: {error}") from None
+        except (OSError, TimeoutError, InvalidHandshake) as error:
+            raise SttTransientError(f"cannot connect: {error or type(error).__name__}") from None
+
+    async def _send(
+        self, connection: ClientConnection, timeline: SessionTimeline, cursor: int
+    ) -> None:
+        pacer = ReplayPacer(self.settings.stt.replay_speed)
+        while True:
+            self._audio.clear()
+            unsent_bytes = (self.buffer.head - cursor) * SAMPLE_WIDTH
+            closing = self._closing.is_set()
+            if unsent_bytes < MIN_FRAME_BYTES and not (closing and unsent_bytes > 0):
+                if closing:
+                    # The service answers with its last finals, then closes.
+                    # The supervisor bounds how long we wait for that.
+                    await connection.send(self.settings.stt.close_message)
+                    await connection.wait_closed()
+                    return
+                await self._audio.wait()
+                continue
+            piece = self.buffer.read(cursor, MAX_FRAME_BYTES)
+            seconds = samples_to_seconds(piece.samples)
+            delay = pacer.delay_before(time.monotonic(), seconds)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await connection.send(piece.data)
+            pacer.sent(seconds)
+            timeline.record_send(piece.start, piece.samples)
+            cursor = piece.end
+            self.buffer.mark_sent(cursor)
+
+    async def _receive(self, connection: ClientConnection, timeline: SessionTimeline) -> None:
+        async for message in connection:
+            frame = parse_frame(message)
+            if isinstance(frame, TranscriptMessage):
+                if not frame.is_partial:
+                    self._final(frame, timeline)
+            elif isinstance(frame, MalformedFrame):
+                self.stats.malformed_frames += 1
+                count = self.stats.malformed_frames
+                if count <= 3 or count % 100 == 0:  # rate-limited: a bad peer must not flood
+                    log.warning("stt.malformed_frame count=%d reason=%s", count, frame.reason)
+            elif isinstance(frame, OtherMessage):
+                self._other(frame)
+
+    def _final(self, message: TranscriptMessage, timeline: SessionTimeline) -> None:
+        if timeline.stream_start is None:
+            self.stats.malformed_frames += 1
+            log.warning("stt.final_before_audio ignored=true")
+            return
+        final = self.finals.accept(place_final(message, timeline))
+        self.buffer.acknowledge(self.finals.acknowledged)
+        if final is not None:
+            self.stats.finals += 1
+            self._on_final(final)
+
+    def _other(self, frame: OtherMessage) -> None:
+        if frame.type == "error":
+            log.warning("stt.service_error message=%s", frame.body.get("message", frame.body))
+        else:
+            log.debug("stt.message type=%s", frame.type)
+
+    def _closed_error(self, closed: ConnectionClosed) -> SttError:
+        code = closed.rcvd.code if closed.rcvd else 1006
+        reason = closed.rcvd.reason if closed.rcvd else "no close frame"
+        if self._closing.is_set():
+            return SttTransientError("closed while finishing")  # run() stops on it
+        if code in (4001, 4003, 1008) and "auth" in reason.lower():
+            return SttAuthError(f"closed {code}: {reason}")
+        return SttTransientError(f"connection lost: code {code} {reason}".strip())
+
+    # -- reconnect policy ------------------------------------------------------
+
+    def _backoff(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        self._failures += 1
+        if isinstance(error, SttAuthError):
+            return AUTH_RETRY_S
+        if isinstance(error, SttRateLimited) and error.retry_after is not None:
+            return min(max(error.retry_after, BACKOFF_INITIAL_S), 600.0)
+        # Full jitter over an exponential ceiling, never below the initial delay,
+        # so a session that opens and dies at once cannot become a hot loop.
+        ceiling = min(BACKOFF_INITIAL_S * 2.0 ** min(self._failures - 1, 16), BACKOFF_MAX_S)
+        return BACKOFF_INITIAL_S + random.random() * max(ceiling - BACKOFF_INITIAL_S, 0.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    def _report_failure(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.stats.last_error = f"stt: {error}"
+        if isinstance(error, SttAuthError):
+            self.stats.state = "auth_failed"
+            log.error("stt.auth_failed retry_in=%.0fs error=%s", delay, error)
+        else:
+            self.stats.state = "disconnected"
+            log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
+        self._on_change()
+
+
+def _status_error(error: InvalidStatus) -> SttError:
+    status = error.response.status_code
+    if status in (401, 403):
+        return SttAuthError(f"HTTP {status}: API key rejected")
+    if status == 429:
+        return SttRateLimited("HTTP 429: rate limited",
+                              retry_after=_retry_after(error.response.headers.get("Retry-After")))
+    return SttTransientError(f"HTTP {status}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from APIs; fall back to backoff

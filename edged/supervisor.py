@@ -1,0 +1,184 @@
+"""The supervisor: wires the data path, runs its tasks, stops them in order.
+
+    capture thread -> AudioBuffer -> SttSession -> Outbox -> MqttPublisher
+
+One TaskGroup holds the long-lived tasks. SIGTERM or SIGINT starts the
+shutdown: stop capture, let the STT session send what is buffered and the
+close message, wait (bounded) for the last finals, publish them, publish
+`offline`, exit 0. A task that dies of a bug takes the daemon down with a
+non-zero status, for systemd to restart it; the Last Will tells MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from typing import Any
+
+from edged import __version__
+from edged.audio.buffer import AudioBuffer
+from edged.audio.capture import Capture
+from edged.config import SAMPLE_RATE, Settings
+from edged.errors import EdgedError
+from edged.mqtt.payloads import transcript_payload
+from edged.mqtt.publisher import MqttPublisher
+from edged.outbox import Outbox
+from edged.streamclock import StreamClock
+from edged.stt.protocol import Final, samples_to_seconds
+from edged.stt.session import SttSession
+
+log = logging.getLogger("edged")
+
+STATE_INTERVAL_S = 1.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop):
+        self.settings = settings
+        self.loop = loop
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(settings.state_dir / "outbox.sqlite3")
+        self.publisher = MqttPublisher(settings, self.outbox, loop)
+        self.clock = StreamClock()
+        self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE)
+        self.session = SttSession(settings, self.buffer, self._publish_final, self._changed)
+        self.buffer.on_append = self.session.audio_arrived
+        self.capture = Capture(settings.audio, loop, self._captured, self._capture_failed,
+                               self._changed)
+        self._stop = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._stopping = False
+
+    # -- data path callbacks (all on the loop) --------------------------------
+
+    def _captured(self, data: bytes) -> None:
+        self.buffer.append(data)
+        self.clock.captured(self.buffer.head, time.time())
+
+    def _publish_final(self, final: Final) -> None:
+        def render(seq: int) -> bytes:
+            return transcript_payload(
+                final,
+                seq=seq,
+                device=self.settings.device.id,
+                provider=self.settings.stt.provider,
+                time=self.clock.iso(final.start),
+            )
+
+        item = self.outbox.add(render)
+        self.publisher.submit(item)
+        # Transcripts are what people said at home: their text stays out of the log.
+        log.info("transcript seq=%d start=%.2f end=%.2f words=%d", item.seq,
+                 samples_to_seconds(final.start), samples_to_seconds(final.end),
+                 len(final.words))
+
+    def _capture_failed(self, error: BaseException) -> None:
+        self._fatal = error
+        self._stop.set()
+
+    def _changed(self) -> None:
+        self._state_changed.set()
+
+    # -- state ------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        stt, mic = self.session.stats, self.capture.stats
+        # One period in flight is normal streaming, not a backlog.
+        backlog = max(self.buffer.unsent_samples - self.settings.audio.chunk_frames, 0)
+        errors = [e for e in (stt.last_error, mic.last_error, self.publisher.last_error) if e]
+        return {
+            "status": self._status(),
+            "version": __version__,
+            "device": self.settings.device.id,
+            "stt_connected": stt.state == "connected",
+            "stt_state": stt.state,
+            "mqtt_connected": self.publisher.connected,
+            "microphone_open": mic.open,
+            "buffered_s": round(samples_to_seconds(backlog), 1),
+            "dropped_s": round(samples_to_seconds(self.buffer.dropped), 1),
+            "reconnects": stt.reconnects,
+            "overruns": mic.overruns,
+            "malformed_frames": stt.malformed_frames,
+            "outbox_depth": self.outbox.depth,
+            "last_error": errors[0] if errors else None,
+        }
+
+    def _status(self) -> str:
+        if self._stopping:
+            return "stopping"
+        if not self.capture.stats.open:
+            return "no_microphone"
+        if self.session.stats.state == "auth_failed":
+            return "auth_failed"
+        if self.session.stats.state != "connected":
+            return "reconnecting"
+        return "streaming"
+
+    async def _publish_state(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), STATE_INTERVAL_S)
+            self._state_changed.clear()
+            self._send_state()
+
+    def _send_state(self) -> None:
+        payload = json.dumps(self.state(), separators=(",", ":")).encode()
+        self.publisher.publish_state(payload)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            log.info("shutdown.requested reason=%s", reason)
+        self._stop.set()
+
+    async def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        log.info("edged.start version=%s device=%s", __version__, self.settings.device.id)
+        self.publisher.start()
+        self.capture.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                stt = tasks.create_task(self.session.run(), name="stt-session")
+                state = tasks.create_task(self._publish_state(), name="state-publisher")
+                await self._stop.wait()
+                await self._shutdown(stt)
+                state.cancel()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(signum)
+        await self.publisher.stop(self.settings.mqtt.drain_timeout_s)
+        self.outbox.close()
+        return self._exit_status()
+
+    async def _shutdown(self, stt: asyncio.Task[None]) -> None:
+        self._stopping = True
+        self.capture.stop()
+        self.session.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(stt), self.settings.stt.close_timeout_s)
+        except TimeoutError:
+            stt.cancel()
+            log.warning("stt.close_timeout seconds=%.1f untranscribed_s=%.1f",
+                        self.settings.stt.close_timeout_s,
+                        samples_to_seconds(self.buffer.head - self.session.finals.acknowledged))
+        self._send_state()
+
+    def _exit_status(self) -> int:
+        if self._fatal is None:
+            log.info("edged.stop status=0")
+            return 0
+        status = self._fatal.exit_status if isinstance(self._fatal, EdgedError) else 1
+        log.error("edged.fatal status=%d error=%s", status, self._fatal)
+        return status
+
+
+async def run_daemon(settings: Settings) -> int:
+    daemon = Daemon(settings, asyncio.get_running_loop())
+    return await daemon.run()
