@@ -1,0 +1,96 @@
+"""Fixtures with real parts: mosquitto, the STT double over WebSockets, a FIFO mic."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.broker import Mosquitto, Subscriber
+from tests.support.daemon import Daemon, write_config
+from tests.support.mic import FifoMic
+from tests.support.stt_double import SttDouble
+
+API_KEY = "test-key-123"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [tool for tool in ("mosquitto", "espeak-ng", "sox") if not shutil.which(tool)
+               and not Path(f"/usr/sbin/{tool}").exists()]
+    if missing:
+        raise pytest.UsageError(f"missing tools {missing}: run scripts/test, which installs them")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path / "mosquitto").start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def stt() -> Iterator[SttDouble]:
+    server = SttDouble(api_key=API_KEY).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def mic(home: Path) -> Iterator[FifoMic]:
+    microphone = FifoMic(home, speed=1.0)
+    yield microphone
+    microphone.stop()
+
+
+@pytest.fixture
+def subscriber(broker: Mosquitto) -> Iterator[Subscriber]:
+    client = Subscriber(broker.port, "edged/#")
+    yield client
+    client.close()
+
+
+class Stack:
+    """edged wired to the broker, the STT double and the FIFO mic."""
+
+    def __init__(self, home: Path, broker: Mosquitto, stt_url: str):
+        self.home = home
+        self.broker = broker
+        self.stt_url = stt_url
+        self.daemons: list[Daemon] = []
+
+    def config(self, **overrides: dict[str, Any]) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "device": {"id": "testpi"},
+            "audio": {"device": "testmic", "chunk_ms": 100},
+            "stt": {"url": self.stt_url, "provider": "deepgram", "close_timeout_s": 5.0},
+            "mqtt": {"host": "127.0.0.1", "port": self.broker.port},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        return write_config(self.home / "edged.toml", sections,
+                            top={"state_dir": str(self.home / "state")})
+
+    def daemon(self, env: dict[str, str] | None = None, **overrides: dict[str, Any]) -> Daemon:
+        daemon = Daemon(self.home, self.config(**overrides),
+                        env={"EDGED_STT__API_KEY": API_KEY, **(env or {})})
+        self.daemons.append(daemon)
+        return daemon.start()
+
+
+@pytest.fixture
+def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
+    setup = Stack(home, broker, stt.url)
+    yield setup
+    for daemon in setup.daemons:
+        daemon.stop()
+        print(f"--- edged log ({daemon.log_path}) ---\n{daemon.log}")  # shown on failure

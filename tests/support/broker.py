@@ -1,0 +1,111 @@
+"""A real mosquitto on a free loopback port, and a subscriber that records."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.log = (self.workdir / "mosquitto.log").open("wb")
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """Subscribes to a topic filter and queues what arrives, in order."""
+
+    def __init__(self, port: int, topic: str = "#"):
+        self.messages: queue.Queue[Message] = queue.Queue()
+        self.seen: list[Message] = []
+        self._subscribed = queue.Queue[bool]()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.time_ns()}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
+        self.client.on_message = lambda c, u, m: self.messages.put(
+            Message(m.topic, m.payload, bool(m.retain), m.qos)
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self._subscribed.get(timeout=10)
+
+    def next(self, topic: str | None = None, timeout: float = 30.0,
+             payload: bytes | None = None) -> Message:
+        """The next message (on `topic`, with `payload`, if given); others are kept in `seen`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no message on {topic or '#'} within {timeout}s; "
+                                   f"saw {[(m.topic, m.payload[:60]) for m in self.seen[-8:]]}")
+            try:
+                message = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(message)
+            if (topic is None or message.topic == topic) and (
+                payload is None or message.payload == payload
+            ):
+                return message
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

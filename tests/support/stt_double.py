@@ -1,0 +1,169 @@
+"""A test double of router.audio's streaming API, over real WebSockets.
+
+It speaks the real protocol (path, query, x-api-key, binary audio in, JSON
+transcripts out with session-relative times, CloseStream) and recognises the
+tone language of `tonespeech`, so its transcripts carry true times. Faults
+are injected on demand: abrupt drops, refused connects, malformed frames.
+
+It runs its own event loop in a thread, so tests drive it from plain code
+while the daemon under test runs as a separate process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from tests.support.tonespeech import HeardWord, ToneRecognizer
+
+
+@dataclass
+class SessionRecord:
+    query: dict[str, list[str]]
+    api_key: str | None
+    bytes_received: int = 0
+    frame_sizes: list[int] = field(default_factory=list)
+    finals_sent: int = 0
+    close_stream_received: bool = False
+
+
+@dataclass
+class Faults:
+    """What the next connections should suffer. Tests change these at will."""
+
+    # HTTP status to refuse the next N handshakes with (e.g. 503, 429, 401).
+    refuse_status: int | None = None
+    refuse_count: int = 0
+    retry_after: str | None = None
+    # Drop a session abruptly (no close frame) after this many audio bytes.
+    drop_after_bytes: list[int] = field(default_factory=list)
+    # Send a malformed frame after each final.
+    malformed_after_final: bool = False
+
+
+class SttDouble:
+    def __init__(self, api_key: str | None = "test-key-123", host: str = "127.0.0.1"):
+        self.api_key = api_key
+        self.host = host
+        self.port = 0
+        self.faults = Faults()
+        self.sessions: list[SessionRecord] = []
+        self.refused = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/v1/listen"
+
+    def start(self) -> SttDouble:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        self.port = future.result(10)
+        return self
+
+    async def _start(self) -> int:
+        self._server = await serve(
+            self._handle, self.host, 0, process_request=self._check_request, compression=None
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def call(self, function: Callable[[], None]) -> None:
+        """Run `function` on the server's loop (to change faults race-free)."""
+        self._loop.call_soon_threadsafe(function)
+
+    # -- handshake -------------------------------------------------------------
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        query = parse_qs(parts.query)
+        if parts.path != "/v1/listen":
+            return _response(HTTPStatus.NOT_FOUND, "no such endpoint")
+        if self.faults.refuse_count > 0 and self.faults.refuse_status:
+            self.faults.refuse_count -= 1
+            self.refused += 1
+            headers = {"Retry-After": self.faults.retry_after} if self.faults.retry_after else {}
+            return _response(HTTPStatus(self.faults.refuse_status), "refused by test", headers)
+        if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
+            self.refused += 1
+            return _response(HTTPStatus.UNAUTHORIZED, "invalid API key")
+        if query.get("encoding") != ["pcm_s16le"] or query.get("sample_rate") != ["16000"]:
+            return _response(HTTPStatus.BAD_REQUEST, "unsupported audio format")
+        self.sessions.append(SessionRecord(query, request.headers.get("x-api-key")))
+        return None
+
+    # -- a session -------------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        record = self.sessions[-1]
+        provider = record.query.get("provider", ["test"])[0]
+        recognizer = ToneRecognizer()
+        drop_at = self.faults.drop_after_bytes.pop(0) if self.faults.drop_after_bytes else None
+        await connection.send(json.dumps({"type": "Metadata", "request_id": "test"}))
+        async for message in connection:
+            if isinstance(message, bytes):
+                if not message:
+                    raise AssertionError("client sent an empty audio frame")
+                record.bytes_received += len(message)
+                record.frame_sizes.append(len(message))
+                for utterance in recognizer.feed(message):
+                    await self._send_final(connection, record, provider, utterance)
+                if recognizer.partial:
+                    await connection.send(_transcript(provider, recognizer.partial, partial=True))
+                if drop_at is not None and record.bytes_received >= drop_at:
+                    connection.transport.abort()  # no close frame: a dead network
+                    return
+            elif json.loads(message).get("type") == "CloseStream":
+                record.close_stream_received = True
+                for utterance in recognizer.flush():
+                    await self._send_final(connection, record, provider, utterance)
+                await connection.close()
+                return
+
+    async def _send_final(self, connection: ServerConnection, record: SessionRecord,
+                          provider: str, words: list[HeardWord]) -> None:
+        await connection.send(_transcript(provider, words, partial=False))
+        record.finals_sent += 1
+        if self.faults.malformed_after_final:
+            await connection.send('{"type": "transcript", "transcript": 42')  # truncated
+
+
+def _transcript(provider: str, words: list[HeardWord], *, partial: bool) -> str:
+    return json.dumps({
+        "type": "transcript",
+        "provider": provider,
+        "transcript": " ".join(word.text for word in words).capitalize() + ".",
+        "start_time": round(words[0].start, 4),
+        "end_time": round(words[-1].end, 4),
+        "is_partial": partial,
+        "words": [
+            {"text": w.text, "start_time": round(w.start, 4), "end_time": round(w.end, 4),
+             "speaker": None}
+            for w in words
+        ],
+    })
+
+
+def _response(status: HTTPStatus, body: str, headers: dict[str, str] | None = None) -> Response:
+    all_headers = Headers({"Content-Type": "text/plain", **(headers or {})})
+    return Response(status.value, status.phrase, all_headers, body.encode())
