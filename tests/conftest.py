@@ -88,7 +88,9 @@ class Stack:
 
 
 @pytest.fixture
-def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
+def stack(home: Path, broker: Mosquitto, stt: SttDouble, mic: FifoMic) -> Iterator[Stack]:
+    # Depends on `mic` so the daemon stops first: a FIFO whose writer is gone
+    # makes alsa-lib's file plugin return stale periods as fast as it can.
     setup = Stack(home, broker, stt.url)
     yield setup
     for daemon in setup.daemons:

@@ -52,6 +52,7 @@ class AudioBuffer:
         self._chunks: list[bytes] = []
         self._first = 0  # index of the oldest live chunk in the lists
         self._held = 0  # samples held
+        self._acknowledged = 0  # nothing before this is ever read again
         self.head = 0
         self.sent = 0
         self.dropped = 0
@@ -94,8 +95,10 @@ class AudioBuffer:
 
     @property
     def oldest(self) -> int:
-        """Stream time of the oldest sample held (== head when empty)."""
-        return self._starts[self._first] if self._first < len(self._chunks) else self.head
+        """Stream time of the oldest sample still to be read (== head when none)."""
+        if self._first >= len(self._chunks):
+            return self.head
+        return max(self._starts[self._first], self._acknowledged)
 
     @property
     def unsent_samples(self) -> int:
@@ -127,7 +130,9 @@ class AudioBuffer:
 
     def acknowledge(self, end: int) -> None:
         """Audio before `end` is transcribed: it need never be sent again."""
-        self.sent = max(self.sent, min(end, self.head))
+        end = min(end, self.head)
+        self.sent = max(self.sent, end)
+        self._acknowledged = max(self._acknowledged, end)
         while self._first < len(self._chunks):
             chunk_end = self._starts[self._first] + len(self._chunks[self._first]) // SAMPLE_WIDTH
             if chunk_end > end:
