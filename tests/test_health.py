@@ -1,0 +1,76 @@
+"""What the daemon says about itself: state topic, logs, failures it survives."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from tests.conftest import Stack
+from tests.support.broker import Subscriber
+from tests.support.mic import FifoMic
+from tests.support.stt_double import SttDouble
+
+WRONG_KEY = "sk-wrong-SECRET-9876"
+
+
+def latest_state(subscriber: Subscriber, predicate, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        message = subscriber.next("edged/testpi/state", timeout=max(deadline - time.monotonic(), 0.1))
+        state = json.loads(message.payload)
+        if predicate(state):
+            return state
+
+
+def test_state_topic_is_retained_and_reports_streaming(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon()
+    state = latest_state(subscriber, lambda s: s["status"] == "streaming")
+    assert state["stt_connected"] and state["mqtt_connected"] and state["microphone_open"]
+    assert state["device"] == "testpi" and state["version"]
+    assert state["dropped_s"] == 0 and state["reconnects"] == 0
+    late = Subscriber(stack.broker.port, "edged/testpi/state")  # retained: a late joiner sees it
+    try:
+        assert json.loads(late.next("edged/testpi/state", timeout=5).payload)["device"] == "testpi"
+    finally:
+        late.close()
+
+
+def test_rejected_key_is_reported_not_hot_looped_and_never_logged(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    daemon = stack.daemon(env={"EDGED_STT__API_KEY": WRONG_KEY, "EDGED_LOG_LEVEL": "debug"})
+    state = latest_state(subscriber, lambda s: s["status"] == "auth_failed")
+    assert "401" in state["last_error"]
+    time.sleep(3)
+    assert stt.refused == 1, "an auth failure must not be retried at once"
+    assert daemon.process is not None and daemon.process.poll() is None, "the daemon stays up"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    everything = daemon.log + "".join(m.payload.decode() for m in subscriber.seen)
+    assert WRONG_KEY not in everything
+    assert "stt.auth_failed" in daemon.log
+
+
+def test_broker_down_at_start_then_up_delivers_transcripts(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    from tests.support.tonespeech import script
+
+    subscriber.close()
+    stack.broker.stop()
+    daemon = stack.daemon()
+    daemon.wait_for_log("mqtt.connect_failed")
+    daemon.wait_for_log("stt.connected")
+    audio, truth = script([["alpha", "echo"]])
+    mic.play(audio)
+    daemon.wait_for_log("transcript seq=", timeout=20)  # committed to the outbox
+    stack.broker.start()
+    late = Subscriber(stack.broker.port, "edged/#")
+    try:
+        final = late.next("edged/testpi/transcript", timeout=40).json()
+        assert [w["text"] for w in final["words"]] == ["alpha", "echo"]
+    finally:
+        late.close()
