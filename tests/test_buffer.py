@@ -17,7 +17,9 @@ def test_read_returns_contiguous_audio_by_stream_time() -> None:
     for value in range(5):
         buffer.append(chunk(value, 100))
     piece = buffer.read(150, max_bytes=400)
-    assert piece.start == 150 and piece.samples == 200 and piece.end == 350
+    assert piece.start == 150
+    assert piece.samples == 200
+    assert piece.end == 350
     assert piece.data == chunk(1, 50) + chunk(2, 100) + chunk(3, 50)
 
 
@@ -27,9 +29,11 @@ def test_overflow_drops_oldest_and_counts_only_undelivered_audio() -> None:
         buffer.append(chunk(value, 100))
     buffer.mark_sent(100)  # the first chunk went to a live session
     buffer.append(chunk(3, 100))  # evicts chunk 0: delivered, not dropped
-    assert buffer.oldest == 100 and buffer.dropped == 0
+    assert buffer.oldest == 100
+    assert buffer.dropped == 0
     buffer.append(chunk(4, 100))  # evicts chunk 1: never sent
-    assert buffer.oldest == 200 and buffer.dropped == 100
+    assert buffer.oldest == 200
+    assert buffer.dropped == 100
     assert buffer.head == 500  # dropped audio still counts in stream time
     assert buffer.read(0, 10_000).start == 200
 
@@ -40,7 +44,8 @@ def test_lost_session_makes_unacknowledged_audio_unsent_again() -> None:
     buffer.mark_sent(500)
     buffer.acknowledge(200)
     buffer.session_lost(acknowledged=200)
-    assert buffer.sent == 200 and buffer.unsent_samples == 300
+    assert buffer.sent == 200
+    assert buffer.unsent_samples == 300
     assert buffer.read(0, 10_000).start == 200  # acknowledged audio is released
 
 

@@ -55,13 +55,15 @@ def test_not_toml_exits_78_naming_the_file(tmp_path: Path) -> None:
     config = write(tmp_path / "edged.toml", "[stt\nurl = \n")
     result = edged("run", "--config", str(config))
     assert result.returncode == EX_CONFIG
-    assert str(config) in result.stderr and "not valid TOML" in result.stderr
+    assert str(config) in result.stderr
+    assert "not valid TOML" in result.stderr
 
 
 def test_missing_named_file_exits_78(tmp_path: Path) -> None:
     result = edged("check-config", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == EX_CONFIG
-    assert "nope.toml" in result.stderr and "No such file" in result.stderr
+    assert "nope.toml" in result.stderr
+    assert "No such file" in result.stderr
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
@@ -71,7 +73,8 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "mqtt.port (from environment variable EDGED_MQTT__PORT)" in result.stderr
     unknown = edged("check-config", "--config", str(tmp_path / "e.toml"),
                     env={"EDGED_STT__APIKEY": "x"})
-    assert unknown.returncode == EX_CONFIG and "stt.apikey" in unknown.stderr
+    assert unknown.returncode == EX_CONFIG
+    assert "stt.apikey" in unknown.stderr
 
 
 def test_layers_environment_over_device_section_over_files(tmp_path: Path) -> None:
@@ -86,8 +89,10 @@ def test_layers_environment_over_device_section_over_files(tmp_path: Path) -> No
                    "--device-id", "kitchen", env={"EDGED_MQTT__BASE_TOPIC": "house"})
     assert result.returncode == 0, result.stderr
     lines = {line.split(" = ")[0]: line for line in result.stdout.splitlines()}
-    assert '"broker.local"' in lines["mqtt.host"] and str(local) in lines["mqtt.host"]
-    assert "8883" in lines["mqtt.port"] and '[devices."kitchen"]' in lines["mqtt.port"]
+    assert '"broker.local"' in lines["mqtt.host"]
+    assert str(local) in lines["mqtt.host"]
+    assert "8883" in lines["mqtt.port"]
+    assert '[devices."kitchen"]' in lines["mqtt.port"]
     assert '"plughw:1,0"' in lines["audio.device"]
     assert '"house"' in lines["mqtt.base_topic"]
     assert "EDGED_MQTT__BASE_TOPIC" in lines["mqtt.base_topic"]
@@ -110,7 +115,8 @@ def test_api_key_file_is_read_and_must_not_be_world_readable(tmp_path: Path) -> 
     config = write(tmp_path / "edged.toml", f"[stt]\napi_key_file = \"{secret}\"\n")
     refused = edged("check-config", "--config", str(config))
     assert refused.returncode == EX_CONFIG
-    assert "stt.api_key_file" in refused.stderr and "readable by every user" in refused.stderr
+    assert "stt.api_key_file" in refused.stderr
+    assert "readable by every user" in refused.stderr
     secret.chmod(0o600)
     accepted = edged("check-config", "--config", str(config))
     assert accepted.returncode == 0, accepted.stderr
@@ -122,4 +128,5 @@ def test_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
     config = write(tmp_path / "edged.toml", "[stt]\napi_key = 12345\n")
     result = edged("check-config", "--config", str(config))
     assert result.returncode == EX_CONFIG
-    assert "stt.api_key" in result.stderr and "12345" not in result.stderr
+    assert "stt.api_key" in result.stderr
+    assert "12345" not in result.stderr

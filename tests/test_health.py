@@ -17,7 +17,8 @@ WRONG_KEY = "sk-wrong-SECRET-9876"
 def latest_state(subscriber: Subscriber, predicate, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        message = subscriber.next("edged/testpi/state", timeout=max(deadline - time.monotonic(), 0.1))
+        remaining = max(deadline - time.monotonic(), 0.1)
+        message = subscriber.next("edged/testpi/state", timeout=remaining)
         state = json.loads(message.payload)
         if predicate(state):
             return state
@@ -28,9 +29,13 @@ def test_state_topic_is_retained_and_reports_streaming(
 ) -> None:
     stack.daemon()
     state = latest_state(subscriber, lambda s: s["status"] == "streaming")
-    assert state["stt_connected"] and state["mqtt_connected"] and state["microphone_open"]
-    assert state["device"] == "testpi" and state["version"]
-    assert state["dropped_s"] == 0 and state["reconnects"] == 0
+    assert state["stt_connected"]
+    assert state["mqtt_connected"]
+    assert state["microphone_open"]
+    assert state["device"] == "testpi"
+    assert state["version"]
+    assert state["dropped_s"] == 0
+    assert state["reconnects"] == 0
     late = Subscriber(stack.broker.port, "edged/testpi/state")  # retained: a late joiner sees it
     try:
         assert json.loads(late.next("edged/testpi/state", timeout=5).payload)["device"] == "testpi"
@@ -46,7 +51,8 @@ def test_rejected_key_is_reported_not_hot_looped_and_never_logged(
     assert "401" in state["last_error"]
     time.sleep(3)
     assert stt.refused == 1, "an auth failure must not be retried at once"
-    assert daemon.process is not None and daemon.process.poll() is None, "the daemon stays up"
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "the daemon stays up"
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(20) == 0
     everything = daemon.log + "".join(m.payload.decode() for m in subscriber.seen)
@@ -64,7 +70,7 @@ def test_broker_down_at_start_then_up_delivers_transcripts(
     daemon = stack.daemon()
     daemon.wait_for_log("mqtt.connect_failed")
     daemon.wait_for_log("stt.connected")
-    audio, truth = script([["alpha", "echo"]])
+    audio, _truth = script([["alpha", "echo"]])
     mic.play(audio)
     daemon.wait_for_log("transcript seq=", timeout=20)  # committed to the outbox
     stack.broker.start()

@@ -58,14 +58,16 @@ def test_parses_the_documented_transcript() -> None:
     assert isinstance(frame, TranscriptMessage)
     assert frame.transcript == "Hello, how are you?"
     assert not frame.is_partial
-    assert frame.words[0].text == "hello" and frame.words[0].end_time == 0.42
+    assert frame.words[0].text == "hello"
+    assert frame.words[0].end_time == 0.42
 
 
 def test_unknown_fields_and_types_are_tolerated() -> None:
     frame = parse_frame(EXAMPLE.replace('"type"', '"confidence":0.9,"type"'))
     assert isinstance(frame, TranscriptMessage)
     other = parse_frame('{"type":"Metadata","request_id":"x"}')
-    assert isinstance(other, OtherMessage) and other.type == "Metadata"
+    assert isinstance(other, OtherMessage)
+    assert other.type == "Metadata"
 
 
 @pytest.mark.parametrize(
@@ -141,7 +143,8 @@ def test_straddling_final_loses_only_the_words_already_delivered() -> None:
                                 text="Turn on light."))
     assert kept is not None
     assert [w.text for w in kept.words] == ["on", "light"]
-    assert kept.text == "on light" and kept.start == 110
+    assert kept.text == "on light"
+    assert kept.start == 110
     assert filter_.acknowledged == 300
 
 
