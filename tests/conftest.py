@@ -46,13 +46,6 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mic(home: Path) -> Iterator[FifoMic]:
-    microphone = FifoMic(home, speed=1.0)
-    yield microphone
-    microphone.stop()
-
-
-@pytest.fixture
 def subscriber(broker: Mosquitto) -> Iterator[Subscriber]:
     client = Subscriber(broker.port, "edged/#")
     yield client
@@ -67,6 +60,13 @@ class Stack:
         self.broker = broker
         self.stt_url = stt_url
         self.daemons: list[Daemon] = []
+        self.mics: list[FifoMic] = []
+
+    def microphone(self) -> FifoMic:
+        """A FIFO-fed ALSA device `testmic` in the daemon's HOME."""
+        mic = FifoMic(self.home, speed=1.0)
+        self.mics.append(mic)
+        return mic
 
     def config(self, **overrides: dict[str, Any]) -> Path:
         sections: dict[str, dict[str, Any]] = {
@@ -88,11 +88,18 @@ class Stack:
 
 
 @pytest.fixture
-def stack(home: Path, broker: Mosquitto, stt: SttDouble, mic: FifoMic) -> Iterator[Stack]:
-    # Depends on `mic` so the daemon stops first: a FIFO whose writer is gone
-    # makes alsa-lib's file plugin return stale periods as fast as it can.
+def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
     setup = Stack(home, broker, stt.url)
     yield setup
+    # Daemons stop before microphones: a FIFO whose writer is gone makes
+    # alsa-lib's file plugin return stale periods as fast as it can.
     for daemon in setup.daemons:
         daemon.stop()
         print(f"--- edged log ({daemon.log_path}) ---\n{daemon.log}")  # shown on failure
+    for mic in setup.mics:
+        mic.stop()
+
+
+@pytest.fixture
+def mic(stack: Stack) -> FifoMic:
+    return stack.microphone()

@@ -80,3 +80,26 @@ def test_broker_down_at_start_then_up_delivers_transcripts(
         assert [w["text"] for w in final["words"]] == ["alpha", "echo"]
     finally:
         late.close()
+
+
+def test_missing_microphone_is_retried_and_reported_then_used(
+    stack: Stack, subscriber: Subscriber
+) -> None:
+    from tests.support.mic import write_asoundrc
+    from tests.support.tonespeech import script
+
+    write_asoundrc(stack.home, stack.home / "mic.fifo")  # the FIFO does not exist yet
+    daemon = stack.daemon()
+    daemon.wait_for_log("capture.unavailable")
+    state = latest_state(subscriber, lambda s: s["status"] == "no_microphone")
+    assert not state["microphone_open"]
+    assert "testmic" in (state["last_error"] or "")
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "a missing microphone is not a crash"
+
+    mic = stack.microphone()  # plugged in
+    latest_state(subscriber, lambda s: s["status"] == "streaming", timeout=30)
+    audio, _ = script([["charlie", "delta"]])
+    mic.play(audio)
+    final = subscriber.next("edged/testpi/transcript", timeout=20).json()
+    assert [w["text"] for w in final["words"]] == ["charlie", "delta"]
