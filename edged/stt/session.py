@@ -120,14 +120,13 @@ class SttSession:
                  self.stats.sessions, samples_to_seconds(start),
                  samples_to_seconds(self.buffer.head - start))
         self._on_change()
+        lost: SttError | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send(connection, timeline, start), name="stt-send")
                 tasks.create_task(self._receive(connection, timeline), name="stt-receive")
-        except* ConnectionClosed as group:
-            closed = group.exceptions[0]
-            assert isinstance(closed, ConnectionClosed)
-            raise self._closed_error(closed) from None
+        except* (ConnectionClosed, SttError) as group:
+            lost = _lost_connection(group.exceptions[0])
         finally:
             await connection.close()
             self.buffer.session_lost(self.finals.acknowledged)
@@ -135,6 +134,8 @@ class SttSession:
                 self._failures = 0
             self.stats.state = "closed" if self._closing.is_set() else "disconnected"
             self._on_change()
+        if lost is not None and not self._closing.is_set():
+            raise lost
 
     async def _connect(self) -> ClientConnection:
         stt = self.settings.stt
@@ -186,6 +187,7 @@ class SttSession:
             self.buffer.mark_sent(cursor)
 
     async def _receive(self, connection: ClientConnection, timeline: SessionTimeline) -> None:
+        """Read frames until the connection ends; raises if the service ended it."""
         async for message in connection:
             frame = parse_frame(message)
             if isinstance(frame, TranscriptMessage):
@@ -198,6 +200,12 @@ class SttSession:
                     log.warning("stt.malformed_frame count=%d reason=%s", count, frame.reason)
             elif isinstance(frame, OtherMessage):
                 self._other(frame)
+        if not self._closing.is_set():
+            # A clean close we did not ask for (idle timeout, server restart):
+            # the sender may be waiting for audio, so end the session here.
+            raise SttTransientError(
+                f"closed by the service: code {connection.close_code} {connection.close_reason}"
+            )
 
     def _final(self, message: TranscriptMessage, timeline: SessionTimeline) -> None:
         if timeline.stream_start is None:
@@ -215,15 +223,6 @@ class SttSession:
             log.warning("stt.service_error message=%s", frame.body.get("message", frame.body))
         else:
             log.debug("stt.message type=%s", frame.type)
-
-    def _closed_error(self, closed: ConnectionClosed) -> SttError:
-        code = closed.rcvd.code if closed.rcvd else 1006
-        reason = closed.rcvd.reason if closed.rcvd else "no close frame"
-        if self._closing.is_set():
-            return SttTransientError("closed while finishing")  # run() stops on it
-        if code in (4001, 4003, 1008) and "auth" in reason.lower():
-            return SttAuthError(f"closed {code}: {reason}")
-        return SttTransientError(f"connection lost: code {code} {reason}".strip())
 
     # -- reconnect policy ------------------------------------------------------
 
@@ -254,6 +253,15 @@ class SttSession:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
         self._on_change()
+
+
+def _lost_connection(error: BaseException) -> SttError:
+    if isinstance(error, SttError):
+        return error
+    assert isinstance(error, ConnectionClosed)
+    code = error.rcvd.code if error.rcvd else 1006
+    reason = error.rcvd.reason if error.rcvd else "no close frame"
+    return SttTransientError(f"connection lost: code {code} {reason}".strip())
 
 
 def _status_error(error: InvalidStatus) -> SttError:

@@ -46,6 +46,8 @@ class Faults:
     retry_after: str | None = None
     # Drop a session abruptly (no close frame) after this many audio bytes.
     drop_after_bytes: list[int] = field(default_factory=list)
+    # Close a session cleanly (code 1000) after this many audio bytes, unasked.
+    close_after_bytes: list[int] = field(default_factory=list)
     # Send a malformed frame after each final.
     malformed_after_final: bool = False
 
@@ -119,6 +121,7 @@ class SttDouble:
         provider = record.query.get("provider", ["test"])[0]
         recognizer = ToneRecognizer()
         drop_at = self.faults.drop_after_bytes.pop(0) if self.faults.drop_after_bytes else None
+        close_at = self.faults.close_after_bytes.pop(0) if self.faults.close_after_bytes else None
         await connection.send(json.dumps({"type": "Metadata", "request_id": "test"}))
         async for message in connection:
             if isinstance(message, bytes):
@@ -132,6 +135,9 @@ class SttDouble:
                     await connection.send(_transcript(provider, recognizer.partial, partial=True))
                 if drop_at is not None and record.bytes_received >= drop_at:
                     connection.transport.abort()  # no close frame: a dead network
+                    return
+                if close_at is not None and record.bytes_received >= close_at:
+                    await connection.close(1000, "idle")
                     return
             elif json.loads(message).get("type") == "CloseStream":
                 record.close_stream_received = True
