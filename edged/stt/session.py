@@ -109,6 +109,7 @@ class SttSession:
     async def _session(self) -> None:
         connection = await self._connect()
         opened_at = time.monotonic()
+        finals_before = self.stats.finals
         self.stats.sessions += 1
         if self.stats.sessions > 1:
             self.stats.reconnects += 1
@@ -130,7 +131,10 @@ class SttSession:
         finally:
             await connection.close()
             self.buffer.session_lost(self.finals.acknowledged)
-            if time.monotonic() - opened_at >= STABLE_SESSION_S:
+            # A session that delivered a final, or lived a while, proved the
+            # path works: the next failure starts the backoff afresh.
+            if (self.stats.finals > finals_before
+                    or time.monotonic() - opened_at >= STABLE_SESSION_S):
                 self._failures = 0
             self.stats.state = "closed" if self._closing.is_set() else "disconnected"
             self._on_change()
