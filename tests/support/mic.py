@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 RATE = 16_000
 PERIOD_MS = 100
@@ -66,30 +67,35 @@ class FifoMic:
 
     def stop(self) -> None:
         self._stop.set()
-        if not self._opened.is_set():
-            # Unblock our own open() so the thread can end.
-            fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
-            os.close(fd)
+        # Unblock an open() waiting for a reader, so the thread can end.
+        fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(fd)
         self._thread.join(5)
 
     def _run(self) -> None:
-        with open(self.fifo, "wb", buffering=0) as fifo:  # blocks until the daemon opens it
-            self._opened.set()
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                if self.paused.is_set():  # a stalled microphone: nothing arrives
-                    time.sleep(0.01)
-                    next_at = time.monotonic()
-                    continue
-                period = self._next_period()
-                try:
-                    fifo.write(period)
-                except BrokenPipeError:
-                    return
-                next_at += PERIOD_MS / 1000 / self.speed
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+        # Reopens after the reader goes away, so a restarted daemon finds
+        # its microphone again, like a real device.
+        while not self._stop.is_set():
+            with open(self.fifo, "wb", buffering=0) as fifo:  # waits for a reader
+                self._opened.set()
+                self._feed(fifo)
+
+    def _feed(self, fifo: BinaryIO) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            if self.paused.is_set():  # a stalled microphone: nothing arrives
+                time.sleep(0.01)
+                next_at = time.monotonic()
+                continue
+            period = self._next_period()
+            try:
+                fifo.write(period)
+            except BrokenPipeError:
+                return
+            next_at += PERIOD_MS / 1000 / self.speed
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
 
     def _next_period(self) -> bytes:
         # Counted as written when taken, under the lock, so `play` sees exact positions.
