@@ -35,8 +35,12 @@ ensure_venv() {
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "==> installing edged[$extras] into $VENV" >&2
-        "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-        "$VENV/bin/pip" install -q -e "$ROOT[$extras]"
+        if ! { "$VENV/bin/pip" install -q --upgrade pip &&
+               "$VENV/bin/pip" install -q -e "$ROOT[$extras]"; } >"$VENV/.install.log" 2>&1; then
+            cat "$VENV/.install.log" >&2
+            echo "pip install failed (log above)" >&2
+            return 1
+        fi
         echo "$want" >"$stamp"
     fi
 }

@@ -40,7 +40,10 @@ def main() -> int:
                 period, offset = audio[offset : offset + period_bytes], offset + period_bytes
             else:
                 period = silence
-            mic.write(period)
+            try:
+                mic.write(period)
+            except BrokenPipeError:
+                return 0  # the daemon closed the microphone
             next_at += interval
             time.sleep(max(next_at - time.monotonic(), 0))
 
