@@ -22,7 +22,8 @@ from typing import Any
 from edged import __version__
 from edged.audio.buffer import AudioBuffer
 from edged.audio.capture import Capture
-from edged.config import SAMPLE_RATE, Settings
+from edged.audio.spool import Spool
+from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import EdgedError
 from edged.mqtt.payloads import transcript_payload
 from edged.mqtt.publisher import MqttPublisher
@@ -44,7 +45,13 @@ class Daemon:
         self.outbox = Outbox(settings.state_dir / "outbox.sqlite3")
         self.publisher = MqttPublisher(settings, self.outbox, loop)
         self.clock = StreamClock()
-        self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE)
+        self.spool = Spool(settings.state_dir / "spool", settings.buffer.spool_max_mb * 1024 * 1024)
+        recovered = self.spool.recover(
+            lambda record: self.clock.captured(record.end, record.wall + samples_to_seconds(
+                record.end - record.start))
+        )
+        self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE, spool=self.spool,
+                                  head=recovered)
         self.session = SttSession(settings, self.buffer, self._publish_final, self._changed)
         self.buffer.on_append = self.session.audio_arrived
         self.capture = Capture(settings.audio, loop, self._captured, self._capture_failed,
@@ -57,8 +64,9 @@ class Daemon:
     # -- data path callbacks (all on the loop) --------------------------------
 
     def _captured(self, data: bytes) -> None:
-        self.buffer.append(data)
-        self.clock.captured(self.buffer.head, time.time())
+        now = time.time()  # a period is handed over when its last sample is in
+        self.buffer.append(data, now - samples_to_seconds(len(data) // SAMPLE_WIDTH))
+        self.clock.captured(self.buffer.head, now)
 
     def _publish_final(self, final: Final) -> None:
         def render(seq: int) -> bytes:
@@ -90,7 +98,8 @@ class Daemon:
         stt, mic = self.session.stats, self.capture.stats
         # One period in flight is normal streaming, not a backlog.
         backlog = max(self.buffer.unsent_samples - self.settings.audio.chunk_frames, 0)
-        errors = [e for e in (stt.last_error, mic.last_error, self.publisher.last_error) if e]
+        errors = [e for e in (stt.last_error, mic.last_error, self.publisher.last_error,
+                              self.spool.last_error) if e]
         return {
             "status": self._status(),
             "version": __version__,
@@ -155,6 +164,8 @@ class Daemon:
                 self.loop.remove_signal_handler(signum)
         await self.publisher.stop(self.settings.mqtt.drain_timeout_s)
         self.outbox.close()
+        self.buffer.persist()  # what was not transcribed is replayed on the next start
+        self.spool.close()
         return self._exit_status()
 
     async def _shutdown(self, stt: asyncio.Task[None]) -> None:

@@ -1,18 +1,25 @@
-"""The audio buffer: captured audio indexed by stream time, bounded in memory.
+"""The audio buffer: captured audio indexed by stream time.
 
-Stream time is counted in samples since the daemon started capturing. The
-buffer keeps audio from the last acknowledged point (the end of the last
-final transcript) to the newest capture, so that a new STT session can re-send
-what a lost one never got transcribed. It owns three marks:
+Stream time is counted in samples since the daemon started capturing (after
+any audio recovered from the spool of an earlier run, which comes first).
+The buffer keeps audio from the acknowledged point (the end of the last final
+transcript) to the newest capture, so that a new STT session can re-send what
+a lost one never got transcribed. It has two tiers:
+
+- a memory ring of at most `max_samples`, the fast path;
+- the disk spool, written only while no session is up, or while a backlog on
+  disk remains, so an SD card is not written during normal streaming.
+
+Its marks:
 
 - `head`: stream time just after the newest captured sample;
 - `sent`: audio before it was handed to a live session (reset to the
   acknowledged point when a session is lost: audio given to a dying socket is
   lost with it);
-- the oldest sample still held.
+- `oldest`: the oldest sample still to be read.
 
-When more than `max_samples` are held, the oldest audio goes; what had not
-been delivered is counted in `dropped`, and still counts in stream time.
+Audio that leaves memory unsent and is not on disk is counted in `dropped`,
+and still counts in stream time.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edged.audio.spool import Spool
 from edged.config import SAMPLE_WIDTH
 
-_COMPACT_AT = 256  # released chunks to accumulate before compacting the list
+_COMPACT_AT = 256  # released chunks to accumulate before compacting the lists
 
 
 @dataclass(frozen=True)
@@ -43,33 +51,50 @@ class AudioSlice:
 class AudioBuffer:
     """Single-threaded (event loop) store of captured audio."""
 
-    def __init__(self, max_samples: int, on_append: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        max_samples: int,
+        on_append: Callable[[], None] | None = None,
+        spool: Spool | None = None,
+        head: int = 0,
+    ):
         if max_samples <= 0:
             raise ValueError("max_samples must be positive")
         self.max_samples = max_samples
         self.on_append = on_append
+        self.spool = spool
         self._starts: list[int] = []
         self._chunks: list[bytes] = []
+        self._walls: list[float] = []
         self._first = 0  # index of the oldest live chunk in the lists
-        self._held = 0  # samples held
+        self._held = 0  # samples held in memory
         self._acknowledged = 0  # nothing before this is ever read again
-        self.head = 0
+        self._online = False
+        self._dropped = 0
+        self.head = head  # non-zero when recovered audio comes first
         self.sent = 0
-        self.dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped + (self.spool.dropped if self.spool else 0)
 
     # -- capture side ------------------------------------------------------
 
-    def append(self, data: bytes) -> None:
-        """Add newly captured audio (whole samples) at the head."""
+    def append(self, data: bytes, wall: float = 0.0) -> None:
+        """Add newly captured audio (whole samples), captured at `wall`, at the head."""
         if len(data) % SAMPLE_WIDTH:
             data = data[: len(data) - len(data) % SAMPLE_WIDTH]
         if not data:
             return
-        self._starts.append(self.head)
+        start = self.head
+        self._starts.append(start)
         self._chunks.append(data)
+        self._walls.append(wall)
         samples = len(data) // SAMPLE_WIDTH
         self.head += samples
         self._held += samples
+        if self.spool is not None and (not self._online or self.spool.has_backlog):
+            self.spool.append(start, data, wall)
         while self._held > self.max_samples:
             self._evict_oldest()
         if self.on_append is not None:
@@ -78,9 +103,17 @@ class AudioBuffer:
     def _evict_oldest(self) -> None:
         start = self._starts[self._first]
         end = start + len(self._chunks[self._first]) // SAMPLE_WIDTH
-        self.dropped += max(end - max(start, self.sent), 0)
-        self.sent = max(self.sent, end)
+        unsent_from = max(start, self.sent, self._acknowledged)
+        lost = max(end - unsent_from, 0) - self._on_disk(unsent_from, end)
+        self._dropped += max(lost, 0)
+        if lost > 0:
+            self.sent = max(self.sent, end)
         self._pop_first()
+
+    def _on_disk(self, start: int, end: int) -> int:
+        if self.spool is None or self.spool.start is None or end <= start:
+            return 0
+        return max(min(end, self.spool.end) - max(start, self.spool.start), 0)
 
     def _pop_first(self) -> None:
         self._held -= len(self._chunks[self._first]) // SAMPLE_WIDTH
@@ -89,16 +122,22 @@ class AudioBuffer:
         if self._first >= _COMPACT_AT and self._first * 2 >= len(self._chunks):
             del self._starts[: self._first]
             del self._chunks[: self._first]
+            del self._walls[: self._first]
             self._first = 0
 
     # -- STT side ----------------------------------------------------------
 
     @property
+    def _memory_oldest(self) -> int:
+        return self._starts[self._first] if self._first < len(self._chunks) else self.head
+
+    @property
     def oldest(self) -> int:
         """Stream time of the oldest sample still to be read (== head when none)."""
-        if self._first >= len(self._chunks):
-            return self.head
-        return max(self._starts[self._first], self._acknowledged)
+        oldest = self._memory_oldest
+        if self.spool is not None and self.spool.start is not None:
+            oldest = min(oldest, self.spool.start)
+        return min(max(oldest, self._acknowledged), self.head)
 
     @property
     def unsent_samples(self) -> int:
@@ -110,6 +149,11 @@ class AudioBuffer:
         max_bytes -= max_bytes % SAMPLE_WIDTH
         if start >= self.head or max_bytes <= 0:
             return AudioSlice(start, b"")
+        if start < self._memory_oldest and self.spool is not None:
+            spooled_start, data = self.spool.read(start, max_bytes)
+            if data:
+                return AudioSlice(spooled_start, data)
+            start = max(start, self._memory_oldest)
         index = bisect.bisect_right(self._starts, start, lo=self._first) - 1
         parts: list[bytes] = []
         size = 0
@@ -138,7 +182,26 @@ class AudioBuffer:
             if chunk_end > end:
                 break
             self._pop_first()
+        if self.spool is not None:
+            self.spool.release(self._acknowledged)
+
+    def session_opened(self) -> None:
+        self._online = True
 
     def session_lost(self, acknowledged: int) -> None:
-        """A session died: what it was sent after `acknowledged` must be sent again."""
+        """A session died: what it was sent after `acknowledged` must be sent again,
+        and until a new one is up, audio also goes to disk."""
+        self._online = False
         self.sent = max(min(self.sent, acknowledged), self.oldest)
+        self.persist()
+
+    def persist(self) -> None:
+        """Put the unacknowledged audio held in memory on disk (a session was lost,
+        or the daemon stops with a backlog), so a crash or restart loses none of it."""
+        if self.spool is None:
+            return
+        for index in range(self._first, len(self._chunks)):
+            start, chunk = self._starts[index], self._chunks[index]
+            if start + len(chunk) // SAMPLE_WIDTH > self._acknowledged:
+                self.spool.append(start, chunk, self._walls[index])
+        self.spool.flush()

@@ -115,6 +115,7 @@ class SttSession:
             self.stats.reconnects += 1
         self.stats.state = "connected"
         self.stats.last_error = None
+        self.buffer.session_opened()
         timeline = SessionTimeline()
         start = max(self.finals.acknowledged, self.buffer.oldest)
         log.info("stt.connected session=%d resend_from=%.3fs backlog=%.1fs",
@@ -176,6 +177,12 @@ class SttSession:
                     # The supervisor bounds how long we wait for that.
                     await connection.send(self.settings.stt.close_message)
                     await connection.wait_closed()
+                    if connection.close_code == 1000:
+                        # A clean close after CloseStream: the service has sent
+                        # every final for what it got, so all of it is done.
+                        self.finals.acknowledged = max(self.finals.acknowledged,
+                                                       timeline.stream_position)
+                        self.buffer.acknowledge(self.finals.acknowledged)
                     return
                 await self._audio.wait()
                 continue

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -90,9 +89,14 @@ class SttDouble:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
-    def call(self, function: Callable[[], None]) -> None:
-        """Run `function` on the server's loop (to change faults race-free)."""
-        self._loop.call_soon_threadsafe(function)
+    def abort_connections(self) -> None:
+        """Drop every open session without a close frame, as a dead network does."""
+        async def abort() -> None:
+            assert self._server is not None
+            for connection in list(self._server.connections):
+                connection.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(abort(), self._loop).result(5)
 
     # -- handshake -------------------------------------------------------------
 
