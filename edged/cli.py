@@ -112,6 +112,9 @@ def cmd_stt_server(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"edged: cannot read --api-key-file: {error.strerror}", file=sys.stderr)
             return EX_CONFIG
+        if not api_key:
+            print(f"edged: --api-key-file {args.api_key_file} is empty", file=sys.stderr)
+            return EX_CONFIG
     try:
         from edged.localstt import serve
     except ImportError as error:

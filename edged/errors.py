@@ -51,6 +51,10 @@ class SttAuthError(SttError):
     """The service rejected our credentials (HTTP 401/403)."""
 
 
+class SttRejectedError(SttError):
+    """The service refused the request itself (HTTP 4xx): URL, provider or params."""
+
+
 class SttRateLimited(SttError):
     """The service asked us to slow down (HTTP 429)."""
 

@@ -122,8 +122,8 @@ class Daemon:
             return "stopping"
         if not self.capture.stats.open:
             return "no_microphone"
-        if self.session.stats.state == "auth_failed":
-            return "auth_failed"
+        if self.session.stats.state in ("auth_failed", "rejected"):
+            return self.session.stats.state
         if self.session.stats.state != "connected":
             return "reconnecting"
         return "streaming"

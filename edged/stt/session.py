@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from edged.audio.buffer import AudioBuffer
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
-from edged.errors import SttAuthError, SttError, SttRateLimited, SttTransientError
+from edged.errors import SttAuthError, SttError, SttRejectedError, SttTransientError
+from edged.stt.policy import retry_delay, status_error
 from edged.stt.protocol import (
     Final,
     FinalFilter,
@@ -42,16 +42,12 @@ log = logging.getLogger("edged.stt")
 
 MIN_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 10  # 100 ms: the protocol's smallest frame
 MAX_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 4  # 250 ms: its largest
-AUTH_RETRY_S = 60.0  # a rejected key will not heal in seconds: no hot loop
 STABLE_SESSION_S = 30.0  # a session that lived this long resets the backoff
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 30.0
-TRANSIENT_CLOSE_CODES = frozenset({1006, 1011, 1012, 1013})
 
 
 @dataclass
 class SttStats:
-    state: str = "connecting"  # connecting | connected | disconnected | auth_failed | closed
+    state: str = "connecting"  # connecting|connected|disconnected|auth_failed|rejected|closed
     sessions: int = 0
     reconnects: int = 0
     finals: int = 0
@@ -157,7 +153,8 @@ class SttSession:
                 max_size=1 << 20,
             )
         except InvalidStatus as error:
-            raise _status_error(error) from None
+            response = error.response
+            raise status_error(response.status_code, response.headers) from None
         except InvalidURI as error:
             raise SttTransientError(f"invalid URL: {error}") from None
         except (OSError, TimeoutError, InvalidHandshake) as error:
@@ -238,16 +235,8 @@ class SttSession:
     # -- reconnect policy ------------------------------------------------------
 
     def _backoff(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
         self._failures += 1
-        if isinstance(error, SttAuthError):
-            return AUTH_RETRY_S
-        if isinstance(error, SttRateLimited) and error.retry_after is not None:
-            return min(max(error.retry_after, BACKOFF_INITIAL_S), 600.0)
-        # Full jitter over an exponential ceiling, never below the initial delay,
-        # so a session that opens and dies at once cannot become a hot loop.
-        ceiling = min(BACKOFF_INITIAL_S * 2.0 ** min(self._failures - 1, 16), BACKOFF_MAX_S)
-        return BACKOFF_INITIAL_S + random.random() * max(ceiling - BACKOFF_INITIAL_S, 0.0)
+        return retry_delay(state.outcome.exception() if state.outcome else None, self._failures)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -260,6 +249,9 @@ class SttSession:
         if isinstance(error, SttAuthError):
             self.stats.state = "auth_failed"
             log.error("stt.auth_failed retry_in=%.0fs error=%s", delay, error)
+        elif isinstance(error, SttRejectedError):
+            self.stats.state = "rejected"
+            log.error("stt.rejected retry_in=%.0fs error=%s", delay, error)
         else:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
@@ -275,20 +267,3 @@ def _lost_connection(error: BaseException) -> SttError:
     return SttTransientError(f"connection lost: code {code} {reason}".strip())
 
 
-def _status_error(error: InvalidStatus) -> SttError:
-    status = error.response.status_code
-    if status in (401, 403):
-        return SttAuthError(f"HTTP {status}: API key rejected")
-    if status == 429:
-        return SttRateLimited("HTTP 429: rate limited",
-                              retry_after=_retry_after(error.response.headers.get("Retry-After")))
-    return SttTransientError(f"HTTP {status}")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: rare from APIs; fall back to backoff
