@@ -156,3 +156,17 @@ def test_backlog_on_disk_is_replayed_after_a_restart(
     finals = collect_finals(subscriber, 2, timeout=30)
     assert [f["text"] for f in finals] == ["Hotel golf.", "Echo."]
     assert finals[0]["time"] < time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+
+
+def test_full_disk_degrades_to_memory_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "00000001.spool").symlink_to("/dev/full")  # every write: ENOSPC
+    spool = Spool(tmp_path, 10 * MB)
+    buffer = AudioBuffer(max_samples=2 * 16_000, spool=spool)
+    buffer.session_lost(0)
+    for _ in range(30):  # 3 s offline: more than memory holds
+        buffer.append(pcm(0.1))
+    assert not spool.enabled
+    assert spool.last_error is not None
+    assert "No space left" in spool.last_error
+    assert buffer.dropped == 16_000, "what memory could not hold is counted, nothing crashes"
+    assert buffer.read(0, 10**6).samples == 2 * 16_000
