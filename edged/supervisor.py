@@ -28,6 +28,7 @@ from edged.errors import EdgedError
 from edged.mqtt.payloads import transcript_payload
 from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
+from edged.sdnotify import Notifier
 from edged.streamclock import StreamClock
 from edged.stt.protocol import Final, samples_to_seconds
 from edged.stt.session import SttSession
@@ -35,6 +36,9 @@ from edged.stt.session import SttSession
 log = logging.getLogger("edged")
 
 STATE_INTERVAL_S = 1.0
+# Capture that delivered nothing for this long has stalled: systemd's
+# watchdog is no longer fed, so it restarts us.
+AUDIO_STALL_S = 2.0
 
 
 class Daemon:
@@ -56,6 +60,10 @@ class Daemon:
         self.buffer.on_append = self.session.audio_arrived
         self.capture = Capture(settings.audio, loop, self._captured, self._capture_failed,
                                self._changed)
+        self.notifier = Notifier()
+        self._last_audio = 0.0  # monotonic time of the last period captured
+        self._ready = False
+        self._status_line = ""
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -64,6 +72,7 @@ class Daemon:
     # -- data path callbacks (all on the loop) --------------------------------
 
     def _captured(self, data: bytes) -> None:
+        self._last_audio = time.monotonic()
         now = time.time()  # a period is handed over when its last sample is in
         self.buffer.append(data, now - samples_to_seconds(len(data) // SAMPLE_WIDTH))
         self.clock.captured(self.buffer.head, now)
@@ -91,6 +100,12 @@ class Daemon:
 
     def _changed(self) -> None:
         self._state_changed.set()
+        mic = self.capture.stats
+        if not self._ready and (mic.open or mic.reopen_attempts):
+            # Configured, and capture is open, or known to be absent and being
+            # retried: start-up is over either way, STATUS says which.
+            self._ready = True
+            self.notifier.send(READY=1, STATUS=self._status_text())
 
     # -- state ------------------------------------------------------------------
 
@@ -128,12 +143,45 @@ class Daemon:
             return "reconnecting"
         return "streaming"
 
+    def _status_text(self) -> str:
+        """The line `systemctl status` shows."""
+        state = self.state()
+        text = (f"{state['status']}; {state['buffered_s']:.1f} s buffered; "
+                f"{state['reconnects']} reconnects")
+        if state["dropped_s"]:
+            text += f"; {state['dropped_s']:.1f} s dropped"
+        if state["outbox_depth"]:
+            text += f"; {state['outbox_depth']} transcripts queued"
+        if not state["mqtt_connected"]:
+            text += "; MQTT down"
+        return text
+
     async def _publish_state(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._state_changed.wait(), STATE_INTERVAL_S)
             self._state_changed.clear()
             self._send_state()
+            status = self._status_text()
+            if self._ready and status != self._status_line:
+                self._status_line = status
+                self.notifier.send(STATUS=status)
+
+    def _healthy(self) -> bool:
+        """Audio is arriving, or the microphone is absent and being retried
+        (restarting would not bring it back). An open microphone that has
+        gone quiet is a stall: that one a restart may cure."""
+        mic = self.capture.stats
+        if not mic.open:
+            return mic.reopen_attempts > 0
+        return time.monotonic() - self._last_audio < AUDIO_STALL_S
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        # Runs on the event loop: if the loop is wedged, no ping goes out.
+        while True:
+            if self._healthy():
+                self.notifier.send(WATCHDOG=1)
+            await asyncio.sleep(interval)
 
     def _send_state(self) -> None:
         payload = json.dumps(self.state(), separators=(",", ":")).encode()
@@ -155,10 +203,14 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
-                state = tasks.create_task(self._publish_state(), name="state-publisher")
+                background = [tasks.create_task(self._publish_state(), name="state-publisher")]
+                if self.notifier.watchdog_interval_s:
+                    background.append(tasks.create_task(
+                        self._feed_watchdog(self.notifier.watchdog_interval_s), name="watchdog"))
                 await self._stop.wait()
                 await self._shutdown(stt)
-                state.cancel()
+                for task in background:
+                    task.cancel()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self.loop.remove_signal_handler(signum)
@@ -166,10 +218,12 @@ class Daemon:
         self.outbox.close()
         self.buffer.persist()  # what was not transcribed is replayed on the next start
         self.spool.close()
+        self.notifier.close()
         return self._exit_status()
 
     async def _shutdown(self, stt: asyncio.Task[None]) -> None:
         self._stopping = True
+        self.notifier.send(STOPPING=1, STATUS="stopping: sending the last audio and finals")
         self.capture.stop()
         self.session.close()
         try:

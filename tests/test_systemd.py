@@ -1,0 +1,114 @@
+"""systemd integration: sd_notify over a real NOTIFY_SOCKET, the watchdog that
+follows the microphone, and the unit's hardening score."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack
+from tests.support.mic import FifoMic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class NotifySocket:
+    """What systemd would receive: (monotonic time, fields) per datagram."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, fields in list(self.messages):
+                if key in fields and (value is None or fields[key] == value):
+                    return at
+            time.sleep(0.05)
+        raise TimeoutError(f"no {key}={value} from the daemon; got {self.messages[-5:]}")
+
+    def pings_between(self, start: float, end: float) -> list[float]:
+        return [at for at, fields in list(self.messages)
+                if fields.get("WATCHDOG") == "1" and start <= at <= end]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_ready_watchdog_follows_the_microphone_and_stopping(
+    stack: Stack, mic: FifoMic, tmp_path: Path
+) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        daemon = stack.daemon(env={"NOTIFY_SOCKET": str(notify.path),
+                                   "WATCHDOG_USEC": "2000000"})
+        notify.wait_for("READY", "1")
+        notify.wait_for("STATUS")
+        time.sleep(3)
+        now = time.monotonic()
+        flowing = notify.pings_between(now - 3, now)
+        assert len(flowing) >= 3
+        assert max(b - a for a, b in zip(flowing, flowing[1:], strict=False)) <= 1.3
+        assert any("streaming" in f.get("STATUS", "") for _, f in notify.messages)
+
+        mic.paused.set()  # the microphone stalls: nothing arrives any more
+        stalled_at = time.monotonic()
+        time.sleep(6)
+        assert not notify.pings_between(stalled_at + 3.5, time.monotonic()), (
+            "the watchdog must starve within a few seconds of a stall"
+        )
+
+        mic.paused.clear()
+        resumed_at = time.monotonic()
+        time.sleep(3)
+        assert notify.pings_between(resumed_at, time.monotonic()), "pings resume with audio"
+
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+        notify.wait_for("STOPPING", "1", timeout=2)
+    finally:
+        notify.close()
+
+
+def test_unit_hardening_scores_at_most_1_9() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(ROOT / "systemd" / "edged.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    match = re.search(r"Overall exposure level for edged.service: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.9, result.stdout
+    unit = (ROOT / "systemd" / "edged.service").read_text()
+    for required in ("Type=notify", "RestartPreventExitStatus=78", "DeviceAllow=char-alsa rw",
+                     "SupplementaryGroups=audio", "WatchdogSec="):
+        assert required in unit
+    assert "PrivateDevices=yes" not in unit, "it would hide /dev/snd"
