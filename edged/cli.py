@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edged import __version__
-from edged.config import LoadedConfig, effective_items, load_config
+from edged.config import LoadedConfig, Settings, effective_items, load_config
 from edged.errors import EX_CONFIG, ConfigError
 from edged.logs import setup_logging
 
@@ -64,8 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("stt.no_api_key hint=set stt.api_key_file or EDGED_STT__API_KEY")
     from edged.supervisor import run_daemon  # imports ALSA and paho only when running
 
+    def load() -> Settings:  # the first time it cannot fail: this was just validated
+        return _load(args).settings
+
     try:
-        return asyncio.run(run_daemon(settings))
+        return asyncio.run(run_daemon(load))
     except OSError as error:
         log.error("edged.fatal error=%s", error)
         return 1

@@ -44,6 +44,14 @@ class SecretFilter(logging.Filter):
         return True
 
 
+_secret_filter = SecretFilter(())
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    """Mask these values in every log line from now on (a reload may bring a new key)."""
+    _secret_filter.secrets = [secret for secret in secrets if secret]
+
+
 def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
@@ -52,7 +60,8 @@ def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
         )
-    handler.addFilter(SecretFilter(secrets))
+    set_secrets(secrets)
+    handler.addFilter(_secret_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

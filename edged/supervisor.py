@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edged import __version__
@@ -24,7 +25,8 @@ from edged.audio.buffer import AudioBuffer
 from edged.audio.capture import Capture
 from edged.audio.spool import Spool
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
-from edged.errors import EdgedError
+from edged.errors import ConfigError, EdgedError
+from edged.logs import set_secrets
 from edged.mqtt.payloads import transcript_payload
 from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
@@ -42,9 +44,13 @@ AUDIO_STALL_S = 2.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop):
+    def __init__(self, load: Callable[[], Settings], loop: asyncio.AbstractEventLoop):
+        settings = load()
         self.settings = settings
         self.loop = loop
+        self._load = load  # SIGHUP loads again from the same files, variables and flags
+        self._reloading = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[None]] = set()
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(settings.state_dir / "outbox.sqlite3")
         self.publisher = MqttPublisher(settings, self.outbox, loop)
@@ -58,8 +64,7 @@ class Daemon:
                                   head=recovered)
         self.session = SttSession(settings, self.buffer, self._publish_final, self._changed)
         self.buffer.on_append = self.session.audio_arrived
-        self.capture = Capture(settings.audio, loop, self._captured, self._capture_failed,
-                               self._changed)
+        self.capture = self._make_capture(settings)
         self.notifier = Notifier()
         self._last_audio = 0.0  # monotonic time of the last period captured
         self._ready = False
@@ -68,6 +73,10 @@ class Daemon:
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self._stopping = False
+
+    def _make_capture(self, settings: Settings) -> Capture:
+        return Capture(settings.audio, self.loop, self._captured, self._capture_failed,
+                       self._changed)
 
     # -- data path callbacks (all on the loop) --------------------------------
 
@@ -189,6 +198,58 @@ class Daemon:
 
     # -- lifecycle ----------------------------------------------------------------
 
+    # -- SIGHUP: configuration reload -------------------------------------------------
+
+    def request_reload(self) -> None:
+        task = self.loop.create_task(self.reload(), name="config-reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def reload(self) -> None:
+        """Apply a new configuration, restarting only the parts it changes.
+
+        Buffered audio and queued transcripts stay where they are: a new STT
+        connection re-sends from the last final, a new MQTT client publishes
+        what the outbox holds. A bad configuration is refused and the old one
+        stays in force."""
+        async with self._reloading:
+            try:
+                new = await asyncio.to_thread(self._load)
+            except ConfigError as error:
+                log.error("config.reload_refused keeping=current error=%s", error)
+                return
+            old = self.settings
+            set_secrets([key for key in (old.api_key, new.api_key) if key])
+            if new.state_dir != old.state_dir:
+                log.warning("config.reload state_dir=%s needs a restart; keeping %s",
+                            new.state_dir, old.state_dir)
+                new = new.model_copy(update={"state_dir": old.state_dir})
+            changed = [name for name in Settings.model_fields
+                       if getattr(new, name) != getattr(old, name)]
+            self.settings = new
+            if not changed:
+                log.info("config.reload changed=none")
+                return
+            await self._apply(new, old)
+            log.info("config.reloaded changed=%s", ",".join(changed))
+            self._changed()
+
+    async def _apply(self, new: Settings, old: Settings) -> None:
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+        if new.buffer != old.buffer:
+            self.buffer.max_samples = new.buffer.max_seconds * SAMPLE_RATE
+            self.spool.max_bytes = new.buffer.spool_max_mb * 1024 * 1024
+        if new.audio != old.audio:
+            await asyncio.to_thread(self.capture.stop)
+            self.capture = self._make_capture(new)
+            self.capture.start()
+        self.session.reconfigure(new)
+        if new.mqtt != old.mqtt or new.device != old.device:
+            await self.publisher.stop(within_s=1.0)
+            self.publisher = MqttPublisher(new, self.outbox, self.loop)
+            self.publisher.start()
+
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
             log.info("shutdown.requested reason=%s", reason)
@@ -197,6 +258,7 @@ class Daemon:
     async def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("edged.start version=%s device=%s", __version__, self.settings.device.id)
         self.publisher.start()
         self.capture.start()
@@ -212,7 +274,7 @@ class Daemon:
                 for task in background:
                     task.cancel()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(signum)
         await self.publisher.stop(self.settings.mqtt.drain_timeout_s)
         self.outbox.close()
@@ -244,6 +306,7 @@ class Daemon:
         return status
 
 
-async def run_daemon(settings: Settings) -> int:
-    daemon = Daemon(settings, asyncio.get_running_loop())
+async def run_daemon(load: Callable[[], Settings]) -> int:
+    """Run until SIGTERM/SIGINT; `load` gives the settings, at start and on SIGHUP."""
+    daemon = Daemon(load, asyncio.get_running_loop())
     return await daemon.run()

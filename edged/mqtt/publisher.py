@@ -79,7 +79,7 @@ class MqttPublisher:
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         if self.outbox.depth:
-            log.warning("mqtt.unpublished items=%d kept_for_next_start=true", self.outbox.depth)
+            log.warning("mqtt.unpublished items=%d kept_in_outbox=true", self.outbox.depth)
 
     async def drain(self, within_s: float) -> bool:
         """Wait until every outbox item is acknowledged, or `within_s` passed."""

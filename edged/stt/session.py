@@ -72,6 +72,9 @@ class SttSession:
         self._on_change = on_change
         self._audio = asyncio.Event()
         self._closing = asyncio.Event()
+        self._wake = asyncio.Event()  # cuts a backoff short: closing or reconfigured
+        self._connection: ClientConnection | None = None
+        self._reconfigured = False
         self._failures = 0  # consecutive, for the backoff
 
     # -- called by the supervisor -------------------------------------------
@@ -84,7 +87,21 @@ class SttSession:
         last finals and the service's close. `run` returns after; the caller
         bounds the wait (`stt.close_timeout_s`)."""
         self._closing.set()
+        self._wake.set()
         self._audio.set()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Use new settings; reconnect now if the STT ones changed (buffered
+        audio is re-sent from the last final, as after any lost connection)."""
+        changed = settings.stt != self.settings.stt
+        self.settings = settings
+        self.url = listen_url(settings.stt.url, settings.stt.provider, settings.stt.params)
+        if not changed:
+            return
+        self._reconfigured = True
+        self._wake.set()  # a new key or URL should not wait out an old backoff
+        if self._connection is not None:
+            self._connection.transport.abort()
 
     async def run(self) -> None:
         retrying = AsyncRetrying(
@@ -103,7 +120,11 @@ class SttSession:
     # -- one connection ------------------------------------------------------
 
     async def _session(self) -> None:
+        self._reconfigured = False
         connection = await self._connect()
+        self._connection = connection
+        if self._reconfigured:  # settings changed while we were connecting
+            connection.transport.abort()
         opened_at = time.monotonic()
         finals_before = self.stats.finals
         self.stats.sessions += 1
@@ -126,6 +147,7 @@ class SttSession:
         except* (ConnectionClosed, SttError) as group:
             lost = _lost_connection(group.exceptions[0])
         finally:
+            self._connection = None
             await connection.close()
             self.buffer.session_lost(self.finals.acknowledged)
             # A session that delivered a final, or lived a while, proved the
@@ -135,6 +157,8 @@ class SttSession:
                 self._failures = 0
             self.stats.state = "closed" if self._closing.is_set() else "disconnected"
             self._on_change()
+        if self._reconfigured and not self._closing.is_set():
+            raise SttTransientError("reconnecting with new settings")
         if lost is not None and not self._closing.is_set():
             raise lost
 
@@ -240,7 +264,8 @@ class SttSession:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     def _report_failure(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
