@@ -34,7 +34,8 @@ _SETTING_FLAGS: list[tuple[str, str, type, str]] = [
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", "-c", action="append", type=Path, metavar="PATH",
-        help="config file (repeatable; default /etc/edged/edged.toml and conf.d/*.toml)",
+        help="config file (repeatable; default: edged.toml then conf.d/*.toml in "
+             "$CONFIGURATION_DIRECTORY, else /etc/edged)",
     )
     for flag, dotted, kind, text in _SETTING_FLAGS:
         parser.add_argument(flag, dest=dotted, type=kind, metavar="VALUE", help=text)

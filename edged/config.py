@@ -33,8 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from edged.errors import ConfigError
 
-DEFAULT_CONFIG_FILE = Path("/etc/edged/edged.toml")
-DEFAULT_CONFIG_DIR = Path("/etc/edged/conf.d")
+SYSTEM_CONFIG_DIR = Path("/etc/edged")
 ENV_PREFIX = "EDGED_"
 ENV_NESTING = "__"
 DEFAULT_SOURCE = "default"
@@ -270,10 +269,18 @@ def _unflatten(values: Mapping[str, Any]) -> dict[str, Any]:
     return Layer("", dict(values)).nested()
 
 
-def default_config_paths() -> list[Path]:
-    paths = [DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.exists() else []
-    if DEFAULT_CONFIG_DIR.is_dir():
-        paths += sorted(DEFAULT_CONFIG_DIR.glob("*.toml"))
+def config_directory(environ: Mapping[str, str]) -> Path:
+    """systemd's ConfigurationDirectory= hands us the path; elsewhere /etc/edged."""
+    configured = environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+    return Path(configured) if configured else SYSTEM_CONFIG_DIR
+
+
+def default_config_paths(directory: Path) -> list[Path]:
+    """edged.toml, then conf.d/*.toml in name order; those absent are skipped."""
+    main = directory / "edged.toml"
+    paths = [main] if main.exists() else []
+    if (directory / "conf.d").is_dir():
+        paths += sorted((directory / "conf.d").glob("*.toml"))
     return paths
 
 
@@ -322,7 +329,10 @@ def load_config(
     path given explicitly must exist.
     """
     environ = os.environ if environ is None else environ
-    paths = default_config_paths() if config_paths is None else list(config_paths)
+    if config_paths is None:
+        paths = default_config_paths(config_directory(environ))
+    else:
+        paths = list(config_paths)
     files = _file_layers(paths)
     env = _env_layer(environ)
     flag_layer = Layer("command line", {k: v for k, v in (flags or {}).items() if v is not None})

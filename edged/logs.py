@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 _PRIORITIES = {
     logging.DEBUG: 7,
@@ -44,6 +45,36 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class RateLimitFilter(logging.Filter):
+    """Lets through at most `burst` warnings or errors of one kind (logger and
+    message template) per `window_s`; the next one let through says how many
+    were held back. A broker down for a day must not fill the journal."""
+
+    def __init__(self, burst: int = 5, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        started, count, held = self._seen.get(key, (now, 0, 0))
+        if now - started >= self.window_s:
+            started, count = now, 0
+        if count >= self.burst:
+            self._seen[key] = (started, count, held + 1)
+            return False
+        if held:
+            record.msg = f"{record.msg} suppressed={held}"
+        self._seen[key] = (started, count + 1, 0)
+        return True
+
+
 _secret_filter = SecretFilter(())
 
 
@@ -61,6 +92,7 @@ def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
         )
     set_secrets(secrets)
+    handler.addFilter(RateLimitFilter())
     handler.addFilter(_secret_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

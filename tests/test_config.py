@@ -130,3 +130,23 @@ def test_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG
     assert "stt.api_key" in result.stderr
     assert "12345" not in result.stderr
+
+
+def test_default_files_are_edged_toml_then_conf_d_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    write(tmp_path / "edged.toml", "[mqtt]\nhost = \"main\"\nport = 1000\n")
+    write(tmp_path / "conf.d" / "20-site.toml", "[mqtt]\nport = 2000\n")
+    write(tmp_path / "conf.d" / "10-fleet.toml", "[mqtt]\nport = 1500\nbase_topic = \"fleet\"\n")
+    write(tmp_path / "conf.d" / "README", "not a config file")
+    result = edged("check-config", env={"CONFIGURATION_DIRECTORY": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(" = ")[0]: line for line in result.stdout.splitlines()}
+    assert '"main"' in lines["mqtt.host"]
+    assert "2000" in lines["mqtt.port"]
+    assert "20-site.toml" in lines["mqtt.port"]
+    assert '"fleet"' in lines["mqtt.base_topic"]
+
+
+def test_missing_default_files_are_skipped(tmp_path: Path) -> None:
+    result = edged("check-config", env={"CONFIGURATION_DIRECTORY": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr

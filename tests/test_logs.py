@@ -1,0 +1,46 @@
+"""Logging for journald: priorities, rate limits, secrets masked."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from edged.logs import RateLimitFilter, SecretFilter, setup_logging
+
+
+def record(message: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord("edged.test", level, __file__, 1, message, args, None)
+
+
+def test_repeated_warnings_are_held_back_and_counted() -> None:
+    now = [0.0]
+    limiter = RateLimitFilter(burst=3, window_s=60, clock=lambda: now[0])
+    passed = [limiter.filter(record("mqtt.connect_failed attempt=%d", n)) for n in range(10)]
+    assert passed == [True] * 3 + [False] * 7
+    assert limiter.filter(record("other.event")), "other events are not held back"
+    assert limiter.filter(record("x", level=logging.INFO)), "info is never limited"
+    now[0] = 61.0
+    late = record("mqtt.connect_failed attempt=%d", 11)
+    assert limiter.filter(late)
+    assert late.getMessage() == "mqtt.connect_failed attempt=11 suppressed=7"
+
+
+def test_secret_is_masked_whatever_logged_it() -> None:
+    masking = SecretFilter(["sk-123"])
+    line = record("connect url=%s header=%s", "wss://x", "sk-123")
+    masking.filter(line)
+    assert "sk-123" not in line.getMessage()
+    assert "********" in line.getMessage()
+
+
+def test_journal_stream_gets_syslog_priority_prefixes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    setup_logging("info")
+    logging.getLogger("edged.test").error("stt.auth_failed retry_in=60s")
+    logging.getLogger("edged.test").info("stt.connected session=1")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-2] == "<3>edged.test stt.auth_failed retry_in=60s"
+    assert lines[-1] == "<6>edged.test stt.connected session=1"
