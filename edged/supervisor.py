@@ -213,26 +213,33 @@ class Daemon:
         what the outbox holds. A bad configuration is refused and the old one
         stays in force."""
         async with self._reloading:
+            self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
             try:
-                new = await asyncio.to_thread(self._load)
-            except ConfigError as error:
-                log.error("config.reload_refused keeping=current error=%s", error)
-                return
-            old = self.settings
-            set_secrets([key for key in (old.api_key, new.api_key) if key])
-            if new.state_dir != old.state_dir:
-                log.warning("config.reload state_dir=%s needs a restart; keeping %s",
-                            new.state_dir, old.state_dir)
-                new = new.model_copy(update={"state_dir": old.state_dir})
-            changed = [name for name in Settings.model_fields
-                       if getattr(new, name) != getattr(old, name)]
-            self.settings = new
-            if not changed:
-                log.info("config.reload changed=none")
-                return
-            await self._apply(new, old)
-            log.info("config.reloaded changed=%s", ",".join(changed))
-            self._changed()
+                await self._reload()
+            finally:
+                self.notifier.send(READY=1, STATUS=self._status_text())
+
+    async def _reload(self) -> None:
+        try:
+            new = await asyncio.to_thread(self._load)
+        except ConfigError as error:
+            log.error("config.reload_refused keeping=current error=%s", error)
+            return
+        old = self.settings
+        set_secrets([key for key in (old.api_key, new.api_key) if key])
+        if new.state_dir != old.state_dir:
+            log.warning("config.reload state_dir=%s needs a restart; keeping %s",
+                        new.state_dir, old.state_dir)
+            new = new.model_copy(update={"state_dir": old.state_dir})
+        changed = [name for name in Settings.model_fields
+                   if getattr(new, name) != getattr(old, name)]
+        self.settings = new
+        if not changed:
+            log.info("config.reload changed=none")
+            return
+        await self._apply(new, old)
+        log.info("config.reloaded changed=%s", ",".join(changed))
+        self._changed()
 
     async def _apply(self, new: Settings, old: Settings) -> None:
         if new.log_level != old.log_level:
