@@ -67,6 +67,8 @@ def test_spoken_sequence_arrives_once_in_order_with_true_times(
     extra = [m for m in subscriber.seen + _drain(subscriber) if m.topic == TOPIC]
     assert len(extra) == len(SEQUENCE), "no final may be published twice"
     assert stt.sessions[-1].close_stream_received
+    spooled = list((stack.home / "state").glob("spool/*.spool"))
+    assert not spooled, "no audio may touch the disk while streaming normally"
 
 
 def _drain(subscriber: Subscriber) -> list:

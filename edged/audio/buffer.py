@@ -7,8 +7,10 @@ transcript) to the newest capture, so that a new STT session can re-send what
 a lost one never got transcribed. It has two tiers:
 
 - a memory ring of at most `max_samples`, the fast path;
-- the disk spool, written only while no session is up, or while a backlog on
-  disk remains, so an SD card is not written during normal streaming.
+- the disk spool, written only while no session is up (so a crash or restart
+  in an outage loses nothing), and while one is up only with audio that would
+  otherwise leave memory unsent (a backlog longer than memory). An SD card is
+  not written during normal streaming.
 
 Its marks:
 
@@ -69,7 +71,7 @@ class AudioBuffer:
         self._first = 0  # index of the oldest live chunk in the lists
         self._held = 0  # samples held in memory
         self._acknowledged = 0  # nothing before this is ever read again
-        self._online = False
+        self._offline = False  # a session failed and no new one is up yet
         self._dropped = 0
         self.head = head  # non-zero when recovered audio comes first
         self.sent = 0
@@ -93,7 +95,7 @@ class AudioBuffer:
         samples = len(data) // SAMPLE_WIDTH
         self.head += samples
         self._held += samples
-        if self.spool is not None and (not self._online or self.spool.has_backlog):
+        if self.spool is not None and self._offline:
             self.spool.append(start, data, wall)
         while self._held > self.max_samples:
             self._evict_oldest()
@@ -101,9 +103,13 @@ class AudioBuffer:
             self.on_append()
 
     def _evict_oldest(self) -> None:
-        start = self._starts[self._first]
-        end = start + len(self._chunks[self._first]) // SAMPLE_WIDTH
+        start, chunk = self._starts[self._first], self._chunks[self._first]
+        end = start + len(chunk) // SAMPLE_WIDTH
         unsent_from = max(start, self.sent, self._acknowledged)
+        if end > unsent_from and self.spool is not None:
+            # Unsent audio leaving memory goes to disk rather than away
+            # (already there if we are offline: append skips what it has).
+            self.spool.append(start, chunk, self._walls[self._first])
         lost = max(end - unsent_from, 0) - self._on_disk(unsent_from, end)
         self._dropped += max(lost, 0)
         if lost > 0:
@@ -186,14 +192,23 @@ class AudioBuffer:
             self.spool.release(self._acknowledged)
 
     def session_opened(self) -> None:
-        self._online = True
+        """Audio stops going to disk; the backlog there is read from it and
+        deleted as it is acknowledged."""
+        self._offline = False
+        if self.spool is not None:
+            self.spool.flush()
 
     def session_lost(self, acknowledged: int) -> None:
-        """A session died: what it was sent after `acknowledged` must be sent again,
-        and until a new one is up, audio also goes to disk."""
-        self._online = False
+        """A session died: what it was sent after `acknowledged` must be sent again."""
         self.sent = max(min(self.sent, acknowledged), self.oldest)
-        self.persist()
+        self.go_offline()
+
+    def go_offline(self) -> None:
+        """No session is up (lost, or failing to connect): until one is, audio
+        also goes to disk, starting with the unacknowledged audio in memory."""
+        if not self._offline:
+            self._offline = True
+            self.persist()
 
     def persist(self) -> None:
         """Put the unacknowledged audio held in memory on disk (a session was lost,

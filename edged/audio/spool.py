@@ -148,7 +148,9 @@ class Spool:
 
     @property
     def start(self) -> int | None:
-        return self._records[0].start if self._records else None
+        if self._records:
+            return self._records[0].start
+        return self._pending_start if self._pending else None
 
     @property
     def end(self) -> int:
@@ -251,7 +253,7 @@ class Spool:
         while index < len(self._records) and self._records[index].end <= start:
             index += 1
         if index >= len(self._records):
-            return start, b""
+            return self._read_pending(start, max_bytes)
         record = self._records[index]
         start = max(start, record.start)
         skip = (start - record.start) * SAMPLE_WIDTH
@@ -265,6 +267,14 @@ class Spool:
             log.warning("spool.read_failed file=%s error=%s", segment.path.name, error.strerror)
             return record.end, b""
         return start, data
+
+    def _read_pending(self, start: int, max_bytes: int) -> tuple[int, bytes]:
+        """Audio not yet in a record (the newest second) is read from memory."""
+        if not self._pending or start >= self.end:
+            return start, b""
+        start = max(start, self._pending_start)
+        skip = (start - self._pending_start) * SAMPLE_WIDTH
+        return start, bytes(self._pending[skip : skip + max_bytes - max_bytes % SAMPLE_WIDTH])
 
     def release(self, end: int) -> None:
         """Audio before `end` is acknowledged: delete segments wholly before it."""

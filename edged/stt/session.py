@@ -268,6 +268,7 @@ class SttSession:
         self._wake.clear()
 
     def _report_failure(self, state: RetryCallState) -> None:
+        self.buffer.go_offline()  # also when no session was ever up
         error = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
         self.stats.last_error = f"stt: {error}"
