@@ -8,13 +8,16 @@ from the audio content itself, so the time mapping is checked, not assumed.
 
 from __future__ import annotations
 
+import tempfile
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edged.audio.buffer import AudioBuffer
+from edged.audio.spool import Spool
 from edged.stt.protocol import Final, FinalFilter, SessionTimeline, Word
 
 WORD_EVERY = 100  # samples: word k is the audio [100k, 100k + 50)
@@ -62,18 +65,35 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("send"), st.integers(1, 700)),
     st.tuples(st.just("final"), st.just(0)),
     st.tuples(st.just("drop"), st.just(0)),
+    st.tuples(st.just("connect"), st.just(0)),
 ), max_size=80)
 
 
 @settings(max_examples=300, deadline=None)
 @given(operations)
 def test_replay_and_dedup_lose_nothing_acknowledged_and_repeat_nothing(ops) -> None:
-    buffer = AudioBuffer(max_samples=2_000)
+    run_model(ops, AudioBuffer(max_samples=2_000))
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations)
+def test_with_a_spool_nothing_is_dropped_at_all(ops) -> None:
+    """Memory holds 2,000 samples; the disk spool holds the rest of any outage."""
+    with tempfile.TemporaryDirectory() as directory:
+        buffer = AudioBuffer(max_samples=2_000, spool=Spool(Path(directory), 64 * 1024 * 1024))
+        run_model(ops, buffer)
+        assert buffer.dropped == 0
+
+
+def run_model(ops: list[tuple[str, int]], buffer: AudioBuffer) -> None:
     finals = FinalFilter()
     published: list[Word] = []
     timeline, server, cursor = SessionTimeline(), ServerSession(), 0
 
+    connected = True
     for op, amount in ops:
+        if op in ("send", "final") and not connected:
+            continue
         if op == "capture":
             buffer.append(captured_audio(buffer.head, amount))
         elif op == "send":
@@ -97,8 +117,12 @@ def test_replay_and_dedup_lose_nothing_acknowledged_and_repeat_nothing(ops) -> N
             buffer.acknowledge(finals.acknowledged)
             if kept is not None:
                 published.extend(kept.words)
-        else:  # the connection drops: audio in flight is lost with it
+        elif op == "drop" and connected:  # audio in flight is lost with the connection
             buffer.session_lost(finals.acknowledged)
+            connected = False
+        elif op == "connect" and not connected:
+            buffer.session_opened()
+            connected = True
             timeline, server = SessionTimeline(), ServerSession()
             cursor = max(finals.acknowledged, buffer.oldest)
 
