@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -54,6 +62,9 @@ class _Section(BaseModel):
 
 class DeviceSettings(_Section):
     id: str = Field(default_factory=socket.gethostname, pattern=rf"^{_TOPIC_LEVEL}$")
+    # How Home Assistant shows the device: its name and suggested area.
+    name: str | None = None
+    area: str | None = None
 
 
 class AudioSettings(_Section):
@@ -107,6 +118,40 @@ class MqttSettings(_Section):
     client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     drain_timeout_s: float = Field(default=5.0, ge=0, le=120)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    # TLS: on when `tls` is true or any of the files is set. The broker's
+    # certificate is always verified (against `ca_file`, else the system CAs).
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # a client certificate, per device in fleets
+    key_file: Path | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    session_expiry_s: int = Field(default=0, ge=0, le=2**32 - 1)  # MQTT 5 only
+    discovery: bool = True  # Home Assistant MQTT discovery
+    discovery_prefix: str = Field(default="homeassistant",
+                                  pattern=rf"^{_TOPIC_LEVEL}(/{_TOPIC_LEVEL})*$")
+    hermes: bool = False  # also publish finals as Rhasspy's hermes/asr/textCaptured
+    partials: bool = False  # publish partial transcripts on <base>/<device>/partial
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any((self.ca_file, self.cert_file, self.key_file))
+
+    @model_validator(mode="after")
+    def _client_certificate_pairs(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics over HTTP: opt-in, and on loopback unless told otherwise."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=9101, ge=1, le=65535)
 
 
 class VadSettings(_Section):
@@ -136,6 +181,7 @@ class Settings(BaseSettings):
     buffer: BufferSettings = Field(default_factory=BufferSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     state_dir: Path = Field(default_factory=_default_state_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -157,11 +203,17 @@ class Settings(BaseSettings):
         return self.stt.api_key.get_secret_value() if self.stt.api_key else None
 
     @property
+    def mqtt_password(self) -> str | None:
+        return self.mqtt.password.get_secret_value() if self.mqtt.password else None
+
+    @property
     def mqtt_client_id(self) -> str:
         return self.mqtt.client_id or f"edged-{self.device.id}"
 
 
-SECRET_KEYS = frozenset({"stt.api_key"})
+SECRET_KEYS = frozenset({"stt.api_key", "mqtt.password"})
+# Keys naming a file that holds a secret, and the secret key it fills in.
+SECRET_FILES = {"stt.api_key_file": "stt.api_key", "mqtt.password_file": "mqtt.password"}
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +392,7 @@ def load_config(
     device_id = _pick_device_id([*files.base, env, flag_layer])
     device_layers = _device_layers(files, device_id)
     layers = [*files.base, *device_layers, env, flag_layer]
-    layers = _resolve_secret_file(layers)
+    layers = _resolve_secret_files(layers)
 
     token = _LAYERS.set(layers)
     try:
@@ -377,32 +429,38 @@ def _device_layers(files: FileLayers, device_id: str | None) -> list[Layer]:
     return layers
 
 
-def _resolve_secret_file(layers: list[Layer]) -> list[Layer]:
-    """Replace `stt.api_key_file` by the key it holds, in the layer that named it."""
+def _resolve_secret_files(layers: list[Layer]) -> list[Layer]:
+    for file_key, secret_key in SECRET_FILES.items():
+        layers = _resolve_secret_file(layers, file_key, secret_key)
+    return layers
+
+
+def _resolve_secret_file(layers: list[Layer], file_key: str, secret_key: str) -> list[Layer]:
+    """Replace `file_key` (a path) by the secret it holds, in the layer that named it."""
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
-        if "stt.api_key" in layer.values:
-            return layers  # a key given directly outranks any file below it
-        if "stt.api_key_file" not in layer.values:
+        if secret_key in layer.values:
+            return layers  # a secret given directly outranks any file below it
+        if file_key not in layer.values:
             continue
-        path = Path(str(layer.values["stt.api_key_file"]))
+        path = Path(str(layer.values[file_key]))
         try:
             mode = path.stat().st_mode
             secret = path.read_text(encoding="utf-8").strip()
         except OSError as error:
             raise ConfigError(
-                f"cannot read {path}: {error.strerror}", key="stt.api_key_file", source=layer.source
+                f"cannot read {path}: {error.strerror}", key=file_key, source=layer.source
             ) from None
         if mode & stat.S_IROTH:
             raise ConfigError(
-                f"{path} is readable by every user; chmod o-r it (the key is a secret)",
-                key="stt.api_key_file",
+                f"{path} is readable by every user; chmod o-r it (it holds a secret)",
+                key=file_key,
                 source=layer.source,
             )
         if not secret:
-            raise ConfigError(f"{path} is empty", key="stt.api_key_file", source=layer.source)
+            raise ConfigError(f"{path} is empty", key=file_key, source=layer.source)
         values = dict(layer.values)
-        values["stt.api_key"] = secret
+        values[secret_key] = secret
         layers = list(layers)
         layers[index] = Layer(layer.source, values)
         return layers
@@ -436,8 +494,8 @@ def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
         if dotted in SECRET_KEYS:
             value = MASK if value is not None else None
         source = loaded.source_of(dotted)
-        if dotted == "stt.api_key" and source != DEFAULT_SOURCE:
-            api_key_file = loaded.source_of("stt.api_key_file")
-            if api_key_file != DEFAULT_SOURCE and loaded.settings.stt.api_key_file:
-                source = f"{loaded.settings.stt.api_key_file} via {api_key_file}"
+        file_key = next((f for f, secret in SECRET_FILES.items() if secret == dotted), None)
+        if file_key and source != DEFAULT_SOURCE and source == loaded.source_of(file_key):
+            section, key = file_key.split(".")
+            source = f"{getattr(getattr(loaded.settings, section), key)} via {source}"
         yield dotted, value, source

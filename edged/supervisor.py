@@ -27,7 +27,12 @@ from edged.audio.spool import Spool
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
 from edged.logs import set_secrets
-from edged.mqtt.payloads import transcript_payload
+from edged.mqtt.payloads import (
+    HERMES_TEXT_CAPTURED,
+    hermes_text_captured,
+    partial_payload,
+    transcript_payload,
+)
 from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
 from edged.sdnotify import Notifier
@@ -62,7 +67,8 @@ class Daemon:
         )
         self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE, spool=self.spool,
                                   head=recovered)
-        self.session = SttSession(settings, self.buffer, self._publish_final, self._changed)
+        self.session = SttSession(settings, self.buffer, self._publish_final, self._changed,
+                                  self._publish_partial)
         self.buffer.on_append = self.session.audio_arrived
         self.capture = self._make_capture(settings)
         self.notifier = Notifier()
@@ -98,10 +104,21 @@ class Daemon:
 
         item = self.outbox.add(render)
         self.publisher.submit(item)
+        if self.settings.mqtt.hermes:
+            self.publisher.publish_now(
+                HERMES_TEXT_CAPTURED,
+                hermes_text_captured(final, device=self.settings.device.id),
+                qos=self.settings.mqtt.qos,
+            )
         # Transcripts are what people said at home: their text stays out of the log.
         log.info("transcript seq=%d start=%.2f end=%.2f words=%d", item.seq,
                  samples_to_seconds(final.start), samples_to_seconds(final.end),
                  len(final.words))
+
+    def _publish_partial(self, text: str, start: int, end: int) -> None:
+        if self.settings.mqtt.partials and text:
+            payload = partial_payload(text, start=start, end=end, device=self.settings.device.id)
+            self.publisher.publish_now(self.publisher.topics.partial, payload, qos=0)
 
     def _capture_failed(self, error: BaseException) -> None:
         self._fatal = error
@@ -253,6 +270,10 @@ class Daemon:
             self.capture.start()
         self.session.reconfigure(new)
         if new.mqtt != old.mqtt or new.device != old.device:
+            moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
+                old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
+            if old.mqtt.discovery and (moved or not new.mqtt.discovery):
+                self.publisher.retract_discovery()  # entities that are going away
             await self.publisher.stop(within_s=1.0)
             self.publisher = MqttPublisher(new, self.outbox, self.loop)
             self.publisher.start()

@@ -33,6 +33,10 @@ class Topics:
     def state(self) -> str:
         return f"{self.root}/state"
 
+    @property
+    def partial(self) -> str:
+        return f"{self.root}/partial"
+
 
 def _seconds(samples: int) -> float:
     return round(samples_to_seconds(samples), 3)
@@ -59,4 +63,36 @@ def transcript_payload(
             for word in final.words
         ],
     }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+HERMES_TEXT_CAPTURED = "hermes/asr/textCaptured"
+
+
+def hermes_text_captured(final: Final, *, device: str) -> bytes:
+    """Rhasspy's Hermes ASR message, so existing Rhasspy and Node-RED flows work."""
+    body = {
+        "text": final.text,
+        "likelihood": 1.0,
+        "seconds": round(samples_to_seconds(final.end - final.start), 3),
+        "siteId": device,
+        "sessionId": None,
+        "wakewordId": None,
+        "asrTokens": [[
+            {
+                "value": word.text,
+                "confidence": 1.0,
+                "rangeStart": 0,
+                "rangeEnd": 0,
+                "time": {"start": _seconds(word.start), "end": _seconds(word.end)},
+            }
+            for word in final.words
+        ]],
+        "lang": None,
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def partial_payload(text: str, *, start: int, end: int, device: str) -> bytes:
+    body = {"device": device, "text": text, "start": _seconds(start), "end": _seconds(end)}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -12,13 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import sys
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edged.config import Settings
+from edged.errors import ConfigError
+from edged.mqtt import discovery
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
 from edged.outbox import Outbox, OutboxItem
 
@@ -41,13 +47,23 @@ class MqttPublisher:
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.settings.mqtt_client_id,
-            clean_session=True,  # durability is the outbox's job, not the broker's
-            reconnect_on_failure=True,
-        )
+        mqtt = self.settings.mqtt
+        if mqtt.protocol == "5":
+            client = paho.Client(CallbackAPIVersion.VERSION2,
+                                 client_id=self.settings.mqtt_client_id,
+                                 protocol=paho.MQTTv5, reconnect_on_failure=True)
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.settings.mqtt_client_id,
+                clean_session=True,  # durability is the outbox's job, not the broker's
+                reconnect_on_failure=True,
+            )
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
+        if mqtt.username is not None:
+            client.username_pw_set(mqtt.username, self.settings.mqtt_password)
+        if mqtt.uses_tls:
+            self._set_tls(client)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         # The outbox bounds what waits; paho must not drop what we hand it.
         client.max_queued_messages_set(0)
@@ -55,7 +71,26 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
+
+    def _set_tls(self, client: paho.Client) -> None:
+        """Verify the broker against `ca_file` (else the system's CAs); present a
+        client certificate when one is configured."""
+        mqtt = self.settings.mqtt
+        try:
+            context = ssl.create_default_context(
+                cafile=str(mqtt.ca_file) if mqtt.ca_file else None
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"cannot load CA certificates: {error}", key="mqtt.ca_file") from None
+        if mqtt.cert_file and mqtt.key_file:
+            try:
+                context.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file))
+            except (OSError, ssl.SSLError) as error:
+                raise ConfigError(f"cannot load the client certificate: {error}",
+                                  key="mqtt.cert_file") from None
+        client.tls_set_context(context)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -63,7 +98,12 @@ class MqttPublisher:
         mqtt = self.settings.mqtt
         log.info("mqtt.connecting host=%s port=%d client_id=%s", mqtt.host, mqtt.port,
                  self.settings.mqtt_client_id)
-        self._client.connect_async(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s)
+        properties = None
+        if mqtt.protocol == "5" and mqtt.session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = mqtt.session_expiry_s
+        self._client.connect_async(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s,
+                                   properties=properties)
         self._client.loop_start()
         for item in self.outbox.pending():  # left over from an earlier run
             self.submit(item)
@@ -109,6 +149,23 @@ class MqttPublisher:
         else:
             self._in_flight[info.mid] = item.seq
 
+    def publish_now(self, topic: str, payload: bytes, qos: int) -> None:
+        """Fire and forget (partials, Hermes copies): not kept in the outbox."""
+        if self.connected:
+            self._client.publish(topic, payload, qos=qos)
+
+    def retract_discovery(self) -> None:
+        """Remove our Home Assistant entities (empty retained configs)."""
+        if self.connected:
+            for topic, _ in discovery.announcements(self.settings, self.topics):
+                self._client.publish(topic, b"", qos=1, retain=True)
+
+    def _announce(self) -> None:
+        if self.settings.mqtt.discovery and self.connected:
+            for topic, payload in discovery.announcements(self.settings, self.topics):
+                self._client.publish(topic, payload, qos=1, retain=True)
+            log.info("mqtt.discovery_announced prefix=%s", self.settings.mqtt.discovery_prefix)
+
     def publish_state(self, payload: bytes) -> None:
         """Retained state, sent when it changed and the broker is there."""
         if not self.connected or payload == self._last_state:
@@ -130,6 +187,8 @@ class MqttPublisher:
             self._loop.call_soon_threadsafe(self._connect_failed, f"refused: {reason}")
             return
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        if self.settings.mqtt.discovery:
+            client.subscribe(discovery.birth_topic(self.settings), qos=1)
         self._loop.call_soon_threadsafe(self._connected)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
@@ -137,7 +196,15 @@ class MqttPublisher:
         self._loop.call_soon_threadsafe(self._disconnected, str(reason))
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._loop.call_soon_threadsafe(self._connect_failed, "broker unreachable")
+        # paho calls this inside its `except OSError`: the cause is at hand.
+        error = sys.exc_info()[1]
+        reason = f"{type(error).__name__}: {error}" if error else "broker unreachable"
+        self._loop.call_soon_threadsafe(self._connect_failed, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == discovery.birth_topic(self.settings) and message.payload == ONLINE:
+            # Home Assistant restarted: it wants the configs again.
+            self._loop.call_soon_threadsafe(self._announce)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason: ReasonCode, properties: Any) -> None:
@@ -150,7 +217,9 @@ class MqttPublisher:
         self.connect_failures = 0
         self.last_error = None
         self._last_state = None  # the broker may have lost it: send again
-        log.info("mqtt.connected host=%s", self.settings.mqtt.host)
+        log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
+                 str(self.settings.mqtt.uses_tls).lower())
+        self._announce()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:

@@ -62,6 +62,7 @@ class SttSession:
         buffer: AudioBuffer,
         on_final: Callable[[Final], None],
         on_change: Callable[[], None] = lambda: None,
+        on_partial: Callable[[str, int, int], None] | None = None,
     ):
         self.settings = settings
         self.buffer = buffer
@@ -70,6 +71,7 @@ class SttSession:
         self.finals = FinalFilter()
         self._on_final = on_final
         self._on_change = on_change
+        self._on_partial = on_partial
         self._audio = asyncio.Event()
         self._closing = asyncio.Event()
         self._wake = asyncio.Event()  # cuts a backoff short: closing or reconfigured
@@ -225,6 +227,9 @@ class SttSession:
             if isinstance(frame, TranscriptMessage):
                 if not frame.is_partial:
                     self._final(frame, timeline)
+                elif self._on_partial is not None and timeline.stream_start is not None:
+                    self._on_partial(frame.transcript, timeline.to_stream(frame.start_time),
+                                     timeline.to_stream(frame.end_time))
             elif isinstance(frame, MalformedFrame):
                 self.stats.malformed_frames += 1
                 count = self.stats.malformed_frames

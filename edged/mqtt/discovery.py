@@ -1,0 +1,128 @@
+"""Home Assistant MQTT discovery: one device per edged instance, without I/O.
+
+Each entity's config is published retained at
+`<prefix>/<component>/<node>/<object>/config` and points at edged's own
+topics; availability follows edged's availability topic, so the entities go
+unavailable with the Last Will. An entity that goes away is removed with an
+empty retained payload on its config topic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from edged import __version__
+from edged.config import Settings
+from edged.mqtt.payloads import Topics
+
+HA_STATE_MAX = 255  # Home Assistant refuses longer states
+
+
+@dataclass(frozen=True)
+class Entity:
+    component: str  # sensor, binary_sensor, event
+    object_id: str
+    config: dict[str, Any]
+
+
+def node_id(device_id: str) -> str:
+    return "edged_" + re.sub(r"[^A-Za-z0-9_-]", "_", device_id)
+
+
+def entities(settings: Settings, topics: Topics) -> list[Entity]:
+    state = topics.state
+    text = f"{{{{ value_json.text[:{HA_STATE_MAX}] }}}}"
+    return [
+        Entity("sensor", "transcript", {
+            "name": "Last transcript",
+            "icon": "mdi:microphone-message",
+            "state_topic": topics.transcript,
+            "value_template": text,
+            # The whole payload (words, times, seq) as attributes.
+            "json_attributes_topic": topics.transcript,
+        }),
+        Entity("event", "speech", {
+            "name": "Speech",
+            "icon": "mdi:account-voice",
+            "state_topic": topics.transcript,
+            "event_types": ["transcript"],
+            "value_template": (
+                "{{ {'event_type': 'transcript', 'text': value_json.text, "
+                "'seq': value_json.seq, 'start': value_json.start, "
+                "'end': value_json.end} | to_json }}"
+            ),
+        }),
+        _diagnostic("binary_sensor", "stt", "Speech-to-text connection", state, {
+            "device_class": "connectivity",
+            "value_template": "{{ 'ON' if value_json.stt_connected else 'OFF' }}",
+        }),
+        _diagnostic("binary_sensor", "microphone", "Microphone", state, {
+            "device_class": "connectivity",
+            "value_template": "{{ 'ON' if value_json.microphone_open else 'OFF' }}",
+        }),
+        _diagnostic("sensor", "buffered", "Audio buffered", state, {
+            "device_class": "duration", "unit_of_measurement": "s",
+            "state_class": "measurement", "value_template": "{{ value_json.buffered_s }}",
+        }),
+        _diagnostic("sensor", "dropped", "Audio dropped", state, {
+            "device_class": "duration", "unit_of_measurement": "s",
+            "state_class": "total_increasing", "value_template": "{{ value_json.dropped_s }}",
+        }),
+        _diagnostic("sensor", "reconnects", "Reconnects", state, {
+            "state_class": "total_increasing", "icon": "mdi:connection",
+            "value_template": "{{ value_json.reconnects }}",
+        }),
+        _diagnostic("sensor", "outbox", "Transcripts queued", state, {
+            "state_class": "measurement", "icon": "mdi:tray-full",
+            "value_template": "{{ value_json.outbox_depth }}",
+        }),
+    ]
+
+
+def _diagnostic(component: str, object_id: str, name: str, state_topic: str,
+                extra: dict[str, Any]) -> Entity:
+    return Entity(component, object_id, {
+        "name": name, "state_topic": state_topic, "entity_category": "diagnostic", **extra,
+    })
+
+
+def config_topic(prefix: str, device_id: str, entity: Entity) -> str:
+    return f"{prefix}/{entity.component}/{node_id(device_id)}/{entity.object_id}/config"
+
+
+def announcements(settings: Settings, topics: Topics) -> list[tuple[str, bytes]]:
+    """(config topic, retained payload) for every entity."""
+    node = node_id(settings.device.id)
+    device: dict[str, Any] = {
+        "identifiers": [node],
+        "name": settings.device.name or f"edged {settings.device.id}",
+        "manufacturer": "edged",
+        "model": "edged audio daemon",
+        "sw_version": __version__,
+    }
+    if settings.device.area:
+        device["suggested_area"] = settings.device.area
+    messages = []
+    for entity in entities(settings, topics):
+        config = {
+            **entity.config,
+            "unique_id": f"{node}_{entity.object_id}",
+            "object_id": f"{node}_{entity.object_id}",
+            "availability_topic": topics.availability,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "qos": 1,
+            "device": device,
+            "origin": {"name": "edged", "sw_version": __version__},
+        }
+        topic = config_topic(settings.mqtt.discovery_prefix, settings.device.id, entity)
+        messages.append((topic, json.dumps(config, separators=(",", ":")).encode()))
+    return messages
+
+
+def birth_topic(settings: Settings) -> str:
+    """Home Assistant publishes `online` here when it (re)starts."""
+    return f"{settings.mqtt.discovery_prefix}/status"
