@@ -70,6 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run_daemon(load))
+    except ConfigError as error:  # found only when used: a TLS file, the audio format
+        log.error("edged.config_error error=%s", error)
+        return _config_failed(error)
     except OSError as error:
         log.error("edged.fatal error=%s", error)
         return 1

@@ -250,15 +250,23 @@ class Daemon:
             new = new.model_copy(update={"state_dir": old.state_dir})
         changed = [name for name in Settings.model_fields
                    if getattr(new, name) != getattr(old, name)]
-        self.settings = new
         if not changed:
             log.info("config.reload changed=none")
             return
-        await self._apply(new, old)
+        try:
+            await self._apply(new, old)
+        except ConfigError as error:
+            log.error("config.reload_refused keeping=current error=%s", error)
+            return
         log.info("config.reloaded changed=%s", ",".join(changed))
         self._changed()
 
     async def _apply(self, new: Settings, old: Settings) -> None:
+        publisher = None
+        if new.mqtt != old.mqtt or new.device != old.device:
+            # First, as it may still refuse the configuration (TLS files).
+            publisher = MqttPublisher(new, self.outbox, self.loop)
+        self.settings = new
         if new.log_level != old.log_level:
             logging.getLogger().setLevel(new.log_level.upper())
         if new.buffer != old.buffer:
@@ -269,13 +277,13 @@ class Daemon:
             self.capture = self._make_capture(new)
             self.capture.start()
         self.session.reconfigure(new)
-        if new.mqtt != old.mqtt or new.device != old.device:
+        if publisher is not None:
             moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
                 old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
             if old.mqtt.discovery and (moved or not new.mqtt.discovery):
                 self.publisher.retract_discovery()  # entities that are going away
             await self.publisher.stop(within_s=1.0)
-            self.publisher = MqttPublisher(new, self.outbox, self.loop)
+            self.publisher = publisher
             self.publisher.start()
 
     def request_stop(self, reason: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import socket
@@ -34,9 +35,10 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = ""):
         self.workdir = workdir
         self.port = port or free_port()
+        self.extra = extra  # listener options, e.g. TLS files
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:
@@ -44,7 +46,11 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\n{self.extra}allow_anonymous true\n"
+            "persistence false\n"
+            # Started as root, mosquitto drops to its own user before it loads
+            # TLS files, and could not read them in pytest's private tmp dirs.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         self.log = (self.workdir / "mosquitto.log").open("wb")
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,

@@ -1,0 +1,87 @@
+"""MQTT over TLS with a client certificate; an unverifiable broker is refused."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import Stack
+from tests.support.broker import Mosquitto
+from tests.support.certs import Pki, make_ca, make_pki
+from tests.support.mic import FifoMic
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path / "tls-broker", extra=(
+        f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+        "require_certificate true\n"
+    )).start()
+    yield broker
+    broker.stop()
+
+
+def retained_availability(broker: Mosquitto, pki: Pki) -> bytes | None:
+    """Read the retained availability over TLS, as a TLS-speaking consumer would."""
+    got: list[bytes] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="tls-reader")
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    client.tls_set_context(context)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("edged/testpi/availability")
+    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return got[0] if got else None
+
+
+def test_connects_with_ca_and_client_certificate(
+    stack: Stack, mic: FifoMic, pki: Pki, tls_broker: Mosquitto
+) -> None:
+    daemon = stack.daemon(mqtt={"port": tls_broker.port, "ca_file": str(pki.ca),
+                                "cert_file": str(pki.client_cert),
+                                "key_file": str(pki.client_key)})
+    daemon.wait_for_log("mqtt.connected host=127.0.0.1 tls=true")
+    assert retained_availability(tls_broker, pki) == b"online"
+
+
+def test_refuses_a_broker_certificate_it_cannot_verify(
+    stack: Stack, mic: FifoMic, pki: Pki, tls_broker: Mosquitto, tmp_path: Path
+) -> None:
+    stranger, _ = make_ca(tmp_path / "other", "stranger")
+    daemon = stack.daemon(mqtt={"port": tls_broker.port, "ca_file": str(stranger),
+                                "cert_file": str(pki.client_cert),
+                                "key_file": str(pki.client_key)})
+    daemon.wait_for_log("mqtt.connect_failed")
+    assert "CERTIFICATE_VERIFY_FAILED" in daemon.log
+    assert "mqtt.connected" not in daemon.log
+    assert retained_availability(tls_broker, pki) is None
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "the daemon stays up and keeps trying"
+
+
+def test_missing_certificate_file_is_a_configuration_error(
+    stack: Stack, mic: FifoMic, tmp_path: Path
+) -> None:
+    daemon = stack.daemon(mqtt={"ca_file": str(tmp_path / "nope.crt")})
+    assert daemon.wait(20) == 78
+    assert "mqtt.ca_file" in daemon.log
