@@ -27,6 +27,8 @@ from edged.audio.spool import Spool
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
 from edged.logs import set_secrets
+from edged.metrics import Metrics
+from edged.metrics import Snapshot as MetricsSnapshot
 from edged.mqtt.payloads import (
     HERMES_TEXT_CAPTURED,
     hermes_text_captured,
@@ -71,6 +73,8 @@ class Daemon:
                                   self._publish_partial)
         self.buffer.on_append = self.session.audio_arrived
         self.capture = self._make_capture(settings)
+        self.metrics = Metrics(settings.metrics, self._metrics_snapshot)
+        self.publisher.on_delivered = self.metrics.latency.observe
         self.notifier = Notifier()
         self._last_audio = 0.0  # monotonic time of the last period captured
         self._ready = False
@@ -79,6 +83,13 @@ class Daemon:
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self._stopping = False
+
+    def _start_metrics(self) -> None:
+        try:
+            self.metrics.start()
+        except OSError as error:  # a taken port must not stop the audio
+            log.error("metrics.unavailable address=%s:%d error=%s", self.metrics.settings.host,
+                      self.metrics.settings.port, error.strerror or error)
 
     def _make_capture(self, settings: Settings) -> Capture:
         return Capture(settings.audio, self.loop, self._captured, self._capture_failed,
@@ -93,6 +104,8 @@ class Daemon:
         self.clock.captured(self.buffer.head, now)
 
     def _publish_final(self, final: Final) -> None:
+        received_at = time.monotonic()
+
         def render(seq: int) -> bytes:
             return transcript_payload(
                 final,
@@ -103,7 +116,7 @@ class Daemon:
             )
 
         item = self.outbox.add(render)
-        self.publisher.submit(item)
+        self.publisher.submit(item, received_at)
         if self.settings.mqtt.hermes:
             self.publisher.publish_now(
                 HERMES_TEXT_CAPTURED,
@@ -157,6 +170,23 @@ class Daemon:
             "outbox_depth": self.outbox.depth,
             "last_error": errors[0] if errors else None,
         }
+
+    def _metrics_snapshot(self) -> MetricsSnapshot:
+        stt, mic = self.session.stats, self.capture.stats
+        return MetricsSnapshot(
+            captured_s=samples_to_seconds(self.buffer.head),
+            sent_s=samples_to_seconds(stt.sent_samples),
+            dropped_s=samples_to_seconds(self.buffer.dropped),
+            buffered_s=samples_to_seconds(self.buffer.unsent_samples),
+            outbox_depth=self.outbox.depth,
+            finals=stt.finals,
+            malformed_frames=stt.malformed_frames,
+            overruns=mic.overruns,
+            stt_connected=stt.state == "connected",
+            mqtt_connected=self.publisher.connected,
+            microphone_open=mic.open,
+            reconnects_by_cause=dict(stt.reconnect_causes),
+        )
 
     def _status(self) -> str:
         if self._stopping:
@@ -277,7 +307,12 @@ class Daemon:
             self.capture = self._make_capture(new)
             self.capture.start()
         self.session.reconfigure(new)
+        if new.metrics != old.metrics:
+            self.metrics.stop()
+            self.metrics.settings = new.metrics
+            self._start_metrics()
         if publisher is not None:
+            publisher.on_delivered = self.metrics.latency.observe
             moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
                 old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
             if old.mqtt.discovery and (moved or not new.mqtt.discovery):
@@ -298,6 +333,7 @@ class Daemon:
         log.info("edged.start version=%s device=%s", __version__, self.settings.device.id)
         self.publisher.start()
         self.capture.start()
+        self._start_metrics()
         try:
             async with asyncio.TaskGroup() as tasks:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
@@ -316,6 +352,7 @@ class Daemon:
         self.outbox.close()
         self.buffer.persist()  # what was not transcribed is replayed on the next start
         self.spool.close()
+        self.metrics.stop()
         self.notifier.close()
         return self._exit_status()
 

@@ -14,6 +14,8 @@ import contextlib
 import logging
 import ssl
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -44,6 +46,8 @@ class MqttPublisher:
         self._handed_over: set[int] = set()  # seqs paho holds
         self._drained = asyncio.Event()
         self._last_state: bytes | None = None
+        self._received_at: dict[int, float] = {}  # seq -> when the final came in
+        self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -134,10 +138,12 @@ class MqttPublisher:
 
     # -- publishing ---------------------------------------------------------
 
-    def submit(self, item: OutboxItem) -> None:
+    def submit(self, item: OutboxItem, received_at: float | None = None) -> None:
         """Hand a committed outbox item to paho (queued by it while disconnected)."""
         if item.seq in self._handed_over:
             return
+        if received_at is not None:
+            self._received_at[item.seq] = received_at
         info = self._client.publish(self.topics.transcript, item.payload,
                                     qos=self.settings.mqtt.qos)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
@@ -174,6 +180,9 @@ class MqttPublisher:
         self._last_state = payload
 
     def _acknowledged(self, seq: int) -> None:
+        received_at = self._received_at.pop(seq, None)
+        if received_at is not None and self.on_delivered is not None:
+            self.on_delivered(time.monotonic() - received_at)
         self._handed_over.discard(seq)
         self.outbox.remove(seq)
         if self.outbox.depth == 0:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from websockets.asyncio.client import ClientConnection, connect
@@ -22,7 +22,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from edged.audio.buffer import AudioBuffer
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
-from edged.errors import SttAuthError, SttError, SttRejectedError, SttTransientError
+from edged.errors import (
+    SttAuthError,
+    SttError,
+    SttRateLimited,
+    SttRejectedError,
+    SttTransientError,
+)
 from edged.stt.policy import retry_delay, status_error
 from edged.stt.protocol import (
     Final,
@@ -52,6 +58,8 @@ class SttStats:
     reconnects: int = 0
     finals: int = 0
     malformed_frames: int = 0
+    sent_samples: int = 0
+    reconnect_causes: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
 
 
@@ -215,6 +223,7 @@ class SttSession:
             if delay > 0:
                 await asyncio.sleep(delay)
             await connection.send(piece.data)
+            self.stats.sent_samples += piece.samples
             pacer.sent(seconds)
             timeline.record_send(piece.start, piece.samples)
             cursor = piece.end
@@ -277,6 +286,8 @@ class SttSession:
         error = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
         self.stats.last_error = f"stt: {error}"
+        cause = _cause(error)
+        self.stats.reconnect_causes[cause] = self.stats.reconnect_causes.get(cause, 0) + 1
         if isinstance(error, SttAuthError):
             self.stats.state = "auth_failed"
             log.error("stt.auth_failed retry_in=%.0fs error=%s", delay, error)
@@ -287,6 +298,16 @@ class SttSession:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
         self._on_change()
+
+
+def _cause(error: BaseException | None) -> str:
+    if isinstance(error, SttAuthError):
+        return "auth"
+    if isinstance(error, SttRejectedError):
+        return "rejected"
+    if isinstance(error, SttRateLimited):
+        return "rate_limited"
+    return "network"
 
 
 def _lost_connection(error: BaseException) -> SttError:
