@@ -234,10 +234,13 @@ class Daemon:
 
     async def _feed_watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is wedged, no ping goes out.
+        # Fixed-rate deadlines, so the pings do not drift later and later.
+        deadline = time.monotonic()
         while True:
             if self._healthy():
                 self.notifier.send(WATCHDOG=1)
-            await asyncio.sleep(interval)
+            deadline = max(deadline + interval, time.monotonic())
+            await asyncio.sleep(deadline - time.monotonic())
 
     def _send_state(self) -> None:
         payload = json.dumps(self.state(), separators=(",", ":")).encode()
