@@ -87,6 +87,9 @@ class SttSettings(_Section):
     close_timeout_s: float = Field(default=5.0, gt=0, le=120)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
     ping_interval_s: float = Field(default=10.0, gt=0, le=300)
+    # wss:// certificates are always verified: against this CA file when set
+    # (a private STT server), else the system's CAs.
+    ca_file: Path | None = None
 
     @field_validator("url")
     @classmethod

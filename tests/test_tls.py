@@ -12,10 +12,12 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import Stack
-from tests.support.broker import Mosquitto
+from tests.conftest import API_KEY, Stack
+from tests.support.broker import Mosquitto, Subscriber
 from tests.support.certs import Pki, make_ca, make_pki
 from tests.support.mic import FifoMic
+from tests.support.stt_double import SttDouble
+from tests.support.tonespeech import script
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
@@ -85,3 +87,32 @@ def test_missing_certificate_file_is_a_configuration_error(
     daemon = stack.daemon(mqtt={"ca_file": str(tmp_path / "nope.crt")})
     assert daemon.wait(20) == 78
     assert "mqtt.ca_file" in daemon.log
+
+
+@pytest.fixture
+def wss_double(pki: Pki) -> Iterator[SttDouble]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    server = SttDouble(api_key=API_KEY, tls=context).start()
+    yield server
+    server.stop()
+
+
+def test_wss_certificates_are_verified_by_default(
+    stack: Stack, mic: FifoMic, pki: Pki, wss_double: SttDouble
+) -> None:
+    stack.stt_url = wss_double.url
+    daemon = stack.daemon()
+    daemon.wait_for_log("stt.disconnected")
+    assert "CERTIFICATE_VERIFY_FAILED" in daemon.log
+    assert not wss_double.sessions, "no audio to a server we cannot verify"
+
+
+def test_wss_with_a_private_ca(
+    stack: Stack, mic: FifoMic, pki: Pki, wss_double: SttDouble, subscriber: Subscriber
+) -> None:
+    stack.stt_url = wss_double.url
+    stack.daemon(stt={"ca_file": str(pki.ca)})
+    audio, _ = script([["foxtrot"]])
+    mic.play(audio)
+    assert subscriber.next("edged/testpi/transcript", timeout=20).json()["text"] == "Foxtrot."

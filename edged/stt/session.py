@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from websockets.asyncio.client import ClientConnection, connect
@@ -85,6 +87,7 @@ class SttSession:
         self._wake = asyncio.Event()  # cuts a backoff short: closing or reconfigured
         self._connection: ClientConnection | None = None
         self._reconfigured = False
+        self._tls: tuple[Path | None, ssl.SSLContext] | None = None
         self._failures = 0  # consecutive, for the backoff
 
     # -- called by the supervisor -------------------------------------------
@@ -178,6 +181,7 @@ class SttSession:
         try:
             return await connect(
                 self.url,
+                ssl=self._tls_context(),
                 additional_headers=headers,
                 open_timeout=stt.connect_timeout_s,
                 ping_interval=stt.ping_interval_s,  # notices a half-open connection
@@ -193,6 +197,19 @@ class SttSession:
             raise SttTransientError(f"invalid URL: {error}") from None
         except (OSError, TimeoutError, InvalidHandshake) as error:
             raise SttTransientError(f"cannot connect: {error or type(error).__name__}") from None
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """Certificates are always verified: against stt.ca_file, else the system CAs."""
+        if not self.url.startswith("wss:"):
+            return None
+        ca_file = self.settings.stt.ca_file
+        if self._tls is None or self._tls[0] != ca_file:
+            try:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as error:
+                raise SttRejectedError(f"cannot load stt.ca_file: {error}") from None
+            self._tls = (ca_file, context)
+        return self._tls[1]
 
     async def _send(
         self, connection: ClientConnection, timeline: SessionTimeline, cursor: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -52,9 +53,11 @@ class Faults:
 
 
 class SttDouble:
-    def __init__(self, api_key: str | None = "test-key-123", host: str = "127.0.0.1"):
+    def __init__(self, api_key: str | None = "test-key-123", host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None):
         self.api_key = api_key
         self.host = host
+        self.tls = tls
         self.port = 0
         self.faults = Faults()
         self.sessions: list[SessionRecord] = []
@@ -65,7 +68,8 @@ class SttDouble:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/v1/listen"
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://{self.host}:{self.port}/v1/listen"
 
     def start(self) -> SttDouble:
         self._thread.start()
@@ -75,7 +79,8 @@ class SttDouble:
 
     async def _start(self) -> int:
         self._server = await serve(
-            self._handle, self.host, 0, process_request=self._check_request, compression=None
+            self._handle, self.host, 0, process_request=self._check_request, compression=None,
+            ssl=self.tls,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
