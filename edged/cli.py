@@ -133,6 +133,17 @@ def cmd_stt_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args).settings
+    except ConfigError as error:
+        return _config_failed(error)
+    from edged.monitor.view import run_monitor  # ALSA only if it falls back to the mic
+
+    return run_monitor(settings.state_dir / "monitor.sock", settings.audio.device,
+                       settings.audio.chunk_ms)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged",
@@ -148,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate and print the configuration")
     _add_config_arguments(check)
     check.set_defaults(handler=cmd_check_config)
+
+    monitor = commands.add_parser(
+        "monitor", help="live input level, connection states and transcripts"
+    )
+    _add_config_arguments(monitor)
+    monitor.set_defaults(handler=cmd_monitor)
 
     devices = commands.add_parser("devices", help="list ALSA capture devices")
     devices.set_defaults(handler=cmd_devices)

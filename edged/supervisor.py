@@ -29,6 +29,7 @@ from edged.errors import ConfigError, EdgedError
 from edged.logs import set_secrets
 from edged.metrics import Metrics
 from edged.metrics import Snapshot as MetricsSnapshot
+from edged.monitor.server import MonitorServer
 from edged.mqtt.payloads import (
     HERMES_TEXT_CAPTURED,
     hermes_text_captured,
@@ -60,6 +61,7 @@ class Daemon:
         self._reload_tasks: set[asyncio.Task[None]] = set()
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(settings.state_dir / "outbox.sqlite3")
+        self.monitor = MonitorServer(settings.state_dir / "monitor.sock", self.state)
         self.publisher = MqttPublisher(settings, self.outbox, loop)
         self.clock = StreamClock()
         self.spool = Spool(settings.state_dir / "spool", settings.buffer.spool_max_mb * 1024 * 1024)
@@ -102,6 +104,8 @@ class Daemon:
         now = time.time()  # a period is handed over when its last sample is in
         self.buffer.append(data, now - samples_to_seconds(len(data) // SAMPLE_WIDTH))
         self.clock.captured(self.buffer.head, now)
+        if self.monitor.wants_audio:  # level metering costs CPU only while watched
+            self.monitor.feed_audio(data)
 
     def _publish_final(self, final: Final) -> None:
         received_at = time.monotonic()
@@ -117,6 +121,7 @@ class Daemon:
 
         item = self.outbox.add(render)
         self.publisher.submit(item, received_at)
+        self.monitor.transcript(json.loads(item.payload))
         if self.settings.mqtt.hermes:
             self.publisher.publish_now(
                 HERMES_TEXT_CAPTURED,
@@ -337,6 +342,7 @@ class Daemon:
         self.publisher.start()
         self.capture.start()
         self._start_metrics()
+        await self.monitor.start()
         try:
             async with asyncio.TaskGroup() as tasks:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
@@ -351,6 +357,7 @@ class Daemon:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(signum)
+            await self.monitor.stop()
         await self.publisher.stop(self.settings.mqtt.drain_timeout_s)
         self.outbox.close()
         self.buffer.persist()  # what was not transcribed is replayed on the next start
