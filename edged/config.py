@@ -158,14 +158,16 @@ class MetricsSettings(_Section):
 
 
 class VadSettings(_Section):
-    enabled: bool = False
+    """Send only speech (opt-in): what a provider bills by the second."""
 
-    @field_validator("enabled")
-    @classmethod
-    def _not_yet(cls, enabled: bool) -> bool:
-        if enabled:
-            raise ValueError("voice-activity gating is not available in this version of edged")
-        return enabled
+    enabled: bool = False
+    aggressiveness: int = Field(default=2, ge=0, le=3)  # webrtcvad's 0 (lenient) to 3
+    preroll_ms: int = Field(default=500, ge=0, le=5000)
+    hangover_ms: int = Field(default=1000, ge=0, le=10000)
+    # Silence is not sent; services close a session that gets nothing for
+    # about 10 s, so a KeepAlive text frame goes out after this long.
+    keepalive_s: float = Field(default=4.0, gt=0, le=60)
+    keepalive_message: str = '{"type":"KeepAlive"}'
 
 
 def _default_state_dir() -> Path:

@@ -24,6 +24,7 @@ from edged import __version__
 from edged.audio.buffer import AudioBuffer
 from edged.audio.capture import Capture
 from edged.audio.spool import Spool
+from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
 from edged.logs import set_secrets
@@ -71,8 +72,9 @@ class Daemon:
         )
         self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE, spool=self.spool,
                                   head=recovered)
+        self.gate = SpeechGate(settings.vad) if settings.vad.enabled else None
         self.session = SttSession(settings, self.buffer, self._publish_final, self._changed,
-                                  self._publish_partial)
+                                  self._publish_partial, self.gate)
         self.buffer.on_append = self.session.audio_arrived
         self.capture = self._make_capture(settings)
         self.metrics = Metrics(settings.metrics, self._metrics_snapshot)
@@ -81,6 +83,8 @@ class Daemon:
         self._last_audio = 0.0  # monotonic time of the last period captured
         self._ready = False
         self._status_line = ""
+        self._state_fingerprint = ""
+        self._state_sent_at = 0.0
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -102,6 +106,8 @@ class Daemon:
     def _captured(self, data: bytes) -> None:
         self._last_audio = time.monotonic()
         now = time.time()  # a period is handed over when its last sample is in
+        if self.gate is not None:  # judged before the sender is woken by the append
+            self.gate.feed(self.buffer.head, data)
         self.buffer.append(data, now - samples_to_seconds(len(data) // SAMPLE_WIDTH))
         self.clock.captured(self.buffer.head, now)
         if self.monitor.wants_audio:  # level metering costs CPU only while watched
@@ -170,6 +176,9 @@ class Daemon:
             "buffered_s": round(samples_to_seconds(backlog), 1),
             "dropped_s": round(samples_to_seconds(self.buffer.dropped), 1),
             "reconnects": stt.reconnects,
+            # Captured vs sent: with voice-activity gating, the billable share.
+            "captured_s": round(samples_to_seconds(self.buffer.head)),
+            "sent_s": round(samples_to_seconds(stt.sent_samples)),
             "overruns": mic.overruns,
             "malformed_frames": stt.malformed_frames,
             "outbox_depth": self.outbox.depth,
@@ -200,8 +209,13 @@ class Daemon:
             return "no_microphone"
         if self.session.stats.state in ("auth_failed", "rejected"):
             return self.session.stats.state
+        gated = self.gate is not None
+        if gated and self.session.stats.state == "idle":
+            return "listening"  # no speech, so no session: nothing billed
         if self.session.stats.state != "connected":
             return "reconnecting"
+        if gated and self.gate is not None and not self.gate.in_speech:
+            return "listening"
         return "streaming"
 
     def _status_text(self) -> str:
@@ -248,8 +262,17 @@ class Daemon:
             await asyncio.sleep(deadline - time.monotonic())
 
     def _send_state(self) -> None:
-        payload = json.dumps(self.state(), separators=(",", ":")).encode()
-        self.publisher.publish_state(payload)
+        state = self.state()
+        # The counters of audio captured and sent move every second: they ride
+        # along, but alone they re-publish the retained state once a minute.
+        moving = {key: state.pop(key) for key in ("captured_s", "sent_s")}
+        fingerprint = json.dumps(state, separators=(",", ":"))
+        now = time.monotonic()
+        if fingerprint == self._state_fingerprint and now - self._state_sent_at < 60:
+            return
+        self._state_fingerprint, self._state_sent_at = fingerprint, now
+        self.publisher.publish_state(json.dumps({**state, **moving}, separators=(",", ":"))
+                                     .encode())
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -286,6 +309,9 @@ class Daemon:
             log.warning("config.reload state_dir=%s needs a restart; keeping %s",
                         new.state_dir, old.state_dir)
             new = new.model_copy(update={"state_dir": old.state_dir})
+        if new.vad != old.vad:
+            log.warning("config.reload vad needs a restart; keeping the current vad settings")
+            new = new.model_copy(update={"vad": old.vad})
         changed = [name for name in Settings.model_fields
                    if getattr(new, name) != getattr(old, name)]
         if not changed:
@@ -328,6 +354,7 @@ class Daemon:
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
             self.publisher.start()
+            self._state_fingerprint = ""  # the new client publishes the state afresh
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():

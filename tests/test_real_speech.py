@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import Stack
 from tests.support.broker import Subscriber, free_port, wait_for_port
 from tests.support.mic import FifoMic
-from tests.support.speech import speak
+from tests.support.speech import silence, speak
 
 
 @pytest.fixture
@@ -45,3 +45,18 @@ def test_spoken_sentence_becomes_a_transcript_on_mqtt(
     assert final["words"]
     # The speech starts after 0.5 s of silence and lasts under 3 s.
     assert start + 0.2 <= final["start"] < final["end"] <= start + 4.5
+
+
+def test_real_speech_between_silences_with_voice_activity_gating(
+    stack: Stack, stt_server: str, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.stt_url = stt_server
+    stack.daemon(stt={"provider": "pocketsphinx"}, vad={"enabled": True})
+    start = mic.play(silence(4.0) + speak("what is the weather tomorrow", lead_silence_s=0.0,
+                                         tail_silence_s=0.0) + silence(4.0))
+
+    final = subscriber.next("edged/testpi/transcript", timeout=60).json()
+
+    assert final["text"].strip()
+    # True times although the silence before the speech was never sent.
+    assert start + 3.5 <= final["start"] < final["end"] <= start + 4.0 + 3.5

@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from edged.audio.buffer import AudioBuffer
+from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import (
     SttAuthError,
@@ -73,6 +74,7 @@ class SttSession:
         on_final: Callable[[Final], None],
         on_change: Callable[[], None] = lambda: None,
         on_partial: Callable[[str, int, int], None] | None = None,
+        gate: SpeechGate | None = None,
     ):
         self.settings = settings
         self.buffer = buffer
@@ -82,6 +84,7 @@ class SttSession:
         self._on_final = on_final
         self._on_change = on_change
         self._on_partial = on_partial
+        self.gate = gate  # with voice-activity gating: send only what it marks
         self._audio = asyncio.Event()
         self._closing = asyncio.Event()
         self._wake = asyncio.Event()  # cuts a backoff short: closing or reconfigured
@@ -127,8 +130,25 @@ class SttSession:
             with attempt:
                 if self._closing.is_set():
                     break
+                if self.gate is not None and not await self._speech_to_send():
+                    break  # closing while waiting
                 await self._session()
         self.stats.state = "closed"
+
+    async def _speech_to_send(self) -> bool:
+        """With gating, connect only when there is speech to send: a session
+        the service closed for idleness comes back when someone talks."""
+        assert self.gate is not None
+        start = max(self.finals.acknowledged, self.buffer.oldest)
+        if self.gate.next_sendable(start) is None:
+            self.stats.state = "idle"
+            self._on_change()
+        while self.gate.next_sendable(max(self.finals.acknowledged, self.buffer.oldest)) is None:
+            if self._closing.is_set():
+                return False
+            self._audio.clear()
+            await self._audio.wait()
+        return not self._closing.is_set()
 
     # -- one connection ------------------------------------------------------
 
@@ -215,11 +235,13 @@ class SttSession:
         self, connection: ClientConnection, timeline: SessionTimeline, cursor: int
     ) -> None:
         pacer = ReplayPacer(self.settings.stt.replay_speed)
+        last_sent = time.monotonic()
         while True:
             self._audio.clear()
-            unsent_bytes = (self.buffer.head - cursor) * SAMPLE_WIDTH
+            cursor, limit, tail = self._sendable(cursor)
+            unsent_bytes = (limit - cursor) * SAMPLE_WIDTH
             closing = self._closing.is_set()
-            if unsent_bytes < MIN_FRAME_BYTES and not (closing and unsent_bytes > 0):
+            if unsent_bytes < MIN_FRAME_BYTES and not ((closing or tail) and unsent_bytes > 0):
                 if closing:
                     # The service answers with its last finals, then closes.
                     # The supervisor bounds how long we wait for that.
@@ -232,19 +254,48 @@ class SttSession:
                                                        timeline.stream_position)
                         self.buffer.acknowledge(self.finals.acknowledged)
                     return
-                await self._audio.wait()
+                keepalive_s = self.settings.vad.keepalive_s
+                try:
+                    await asyncio.wait_for(self._audio.wait(),
+                                           max(last_sent + keepalive_s - time.monotonic(), 0))
+                except TimeoutError:
+                    # Nothing to send for a while (silence not sent, or a quiet
+                    # microphone): services close a session that idles ~10 s.
+                    await connection.send(self.settings.vad.keepalive_message)
+                    last_sent = time.monotonic()
                 continue
-            piece = self.buffer.read(cursor, MAX_FRAME_BYTES)
+            piece = self.buffer.read(cursor, min(MAX_FRAME_BYTES, unsent_bytes))
             seconds = samples_to_seconds(piece.samples)
             delay = pacer.delay_before(time.monotonic(), seconds)
             if delay > 0:
                 await asyncio.sleep(delay)
             await connection.send(piece.data)
+            last_sent = time.monotonic()
             self.stats.sent_samples += piece.samples
             pacer.sent(seconds)
             timeline.record_send(piece.start, piece.samples)
             cursor = piece.end
             self.buffer.mark_sent(cursor)
+
+    def _sendable(self, cursor: int) -> tuple[int, int, bool]:
+        """(new cursor, end of what may be sent now, whether that end is final).
+
+        Without gating everything captured may be sent. With it, settled
+        silence is skipped (it still counts in stream time) and only speech
+        (with its pre-roll and hang-over) goes out; the end of an utterance is
+        sent even when shorter than a frame."""
+        if self.gate is None:
+            return cursor, self.buffer.head, False
+        span = self.gate.next_sendable(cursor)
+        skip_to = self.gate.silence_until() if span is None else span[0]
+        if skip_to > cursor:
+            cursor = skip_to
+            self.buffer.mark_sent(cursor)  # skipped, not lost
+        if span is None:
+            return cursor, cursor, False
+        end = min(span[1], self.buffer.head)
+        finished = span[1] < self.gate.judged  # the utterance (and hang-over) is over
+        return cursor, end, finished
 
     async def _receive(self, connection: ClientConnection, timeline: SessionTimeline) -> None:
         """Read frames until the connection ends; raises if the service ended it."""
@@ -277,6 +328,8 @@ class SttSession:
             return
         final = self.finals.accept(place_final(message, timeline))
         self.buffer.acknowledge(self.finals.acknowledged)
+        if self.gate is not None:
+            self.gate.forget_before(self.finals.acknowledged)
         if final is not None:
             self.stats.finals += 1
             self._on_final(final)

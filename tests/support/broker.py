@@ -71,6 +71,7 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    received_at: float = 0.0  # time.monotonic() on arrival
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -87,7 +88,7 @@ class Subscriber:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
         self.client.on_message = lambda c, u, m: self.messages.put(
-            Message(m.topic, m.payload, bool(m.retain), m.qos)
+            Message(m.topic, m.payload, bool(m.retain), m.qos, time.monotonic())
         )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

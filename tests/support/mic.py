@@ -30,11 +30,13 @@ def write_asoundrc(home: Path, fifo: Path, name: str = "testmic") -> None:
 class FifoMic:
     """Feeds queued audio (silence when none) into a FIFO at `speed` x real time."""
 
-    def __init__(self, home: Path, speed: float = 1.0):
+    def __init__(self, home: Path, speed: float = 1.0, period_ms: int = PERIOD_MS):
         self.fifo = home / "mic.fifo"
         os.mkfifo(self.fifo)
         write_asoundrc(home, self.fifo)
         self.speed = speed
+        self.period_ms = period_ms
+        self.period_bytes = RATE * 2 * period_ms // 1000  # what the reader reads at once
         self.written = 0  # bytes: stream position of the next byte
         self.paused = threading.Event()
         self._queue: queue.Queue[bytes] = queue.Queue()
@@ -48,7 +50,7 @@ class FifoMic:
 
     def play(self, pcm: bytes) -> float:
         """Queue audio; returns the stream time (s) at which it will start."""
-        pcm += bytes(-len(pcm) % PERIOD_BYTES)  # whole periods, padded with silence
+        pcm += bytes(-len(pcm) % self.period_bytes)  # whole periods, padded with silence
         with self._lock:
             start = (self.written + len(self._pending) + self._queued) / 2 / RATE
             self._queued += len(pcm)
@@ -92,7 +94,7 @@ class FifoMic:
                 fifo.write(period)
             except BrokenPipeError:
                 return
-            next_at += PERIOD_MS / 1000 / self.speed
+            next_at += self.period_ms / 1000 / self.speed
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -105,8 +107,9 @@ class FifoMic:
                     self._pending = self._queue.get_nowait()
                     self._queued -= len(self._pending)
                 except queue.Empty:
-                    self.written += PERIOD_BYTES
-                    return bytes(PERIOD_BYTES)
-            period, self._pending = self._pending[:PERIOD_BYTES], self._pending[PERIOD_BYTES:]
+                    self.written += self.period_bytes
+                    return bytes(self.period_bytes)
+            size = self.period_bytes
+            period, self._pending = self._pending[:size], self._pending[size:]
             self.written += len(period)
             return period

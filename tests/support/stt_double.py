@@ -15,12 +15,14 @@ import asyncio
 import json
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from tests.support.tonespeech import HeardWord, ToneRecognizer
@@ -34,6 +36,8 @@ class SessionRecord:
     frame_sizes: list[int] = field(default_factory=list)
     finals_sent: int = 0
     close_stream_received: bool = False
+    keepalives: int = 0
+    closed_idle: bool = False
 
 
 @dataclass
@@ -48,6 +52,9 @@ class Faults:
     drop_after_bytes: list[int] = field(default_factory=list)
     # Close a session cleanly (code 1000) after this many audio bytes, unasked.
     close_after_bytes: list[int] = field(default_factory=list)
+    # Close a session that receives nothing (no audio, no KeepAlive) this long,
+    # as Deepgram does (1011, NET-0001).
+    idle_timeout_s: float | None = None
     # Send a malformed frame after each final.
     malformed_after_final: bool = False
 
@@ -62,6 +69,7 @@ class SttDouble:
         self.faults = Faults()
         self.sessions: list[SessionRecord] = []
         self.refused = 0
+        self.finals_sent_at: list[float] = []  # time.monotonic() of every final sent
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -132,7 +140,15 @@ class SttDouble:
         drop_at = self.faults.drop_after_bytes.pop(0) if self.faults.drop_after_bytes else None
         close_at = self.faults.close_after_bytes.pop(0) if self.faults.close_after_bytes else None
         await connection.send(json.dumps({"type": "Metadata", "request_id": "test"}))
-        async for message in connection:
+        while True:
+            try:
+                message = await asyncio.wait_for(connection.recv(), self.faults.idle_timeout_s)
+            except TimeoutError:
+                record.closed_idle = True
+                await connection.close(1011, "NET-0001: no audio received")
+                return
+            except ConnectionClosed:
+                return
             if isinstance(message, bytes):
                 if not message:
                     raise AssertionError("client sent an empty audio frame")
@@ -148,6 +164,8 @@ class SttDouble:
                 if close_at is not None and record.bytes_received >= close_at:
                     await connection.close(1000, "idle")
                     return
+            elif json.loads(message).get("type") == "KeepAlive":
+                record.keepalives += 1
             elif json.loads(message).get("type") == "CloseStream":
                 record.close_stream_received = True
                 for utterance in recognizer.flush():
@@ -158,6 +176,7 @@ class SttDouble:
     async def _send_final(self, connection: ServerConnection, record: SessionRecord,
                           provider: str, words: list[HeardWord]) -> None:
         await connection.send(_transcript(provider, words, partial=False))
+        self.finals_sent_at.append(time.monotonic())
         record.finals_sent += 1
         if self.faults.malformed_after_final:
             await connection.send('{"type": "transcript", "transcript": 42')  # truncated

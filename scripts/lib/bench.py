@@ -1,0 +1,268 @@
+"""scripts/bench: edged measured on this machine, beside a naive client.
+
+Real mosquitto, real ALSA capture through the file plugin fed by a FIFO at a
+fixed multiple of real time, and the test STT server (tone language, true
+times). Prints one table; docs/performance.md keeps the latest.
+
+    python scripts/lib/bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.broker import Mosquitto, Subscriber  # noqa: E402
+from tests.support.daemon import write_config  # noqa: E402
+from tests.support.mic import FifoMic  # noqa: E402
+from tests.support.notify import NotifySocket  # noqa: E402
+from tests.support.stt_double import SttDouble  # noqa: E402
+from tests.support.tonespeech import VOCABULARY, script  # noqa: E402
+
+API_KEY = "bench-key"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def utterances(seconds: float) -> tuple[bytes, int]:
+    """Utterances and pauses, like a room where people talk now and then: (audio, count)."""
+    spoken = [[VOCABULARY[(i * 3 + j) % len(VOCABULARY)] for j in range(1 + i % 3)]
+              for i in range(int(seconds / 3))]
+    audio, _ = script(spoken, pause_s=1.8)
+    return audio, len(spoken)
+
+
+def speech(seconds: float) -> bytes:
+    return utterances(seconds)[0]
+
+
+@dataclass
+class Run:
+    cpu_s: float
+    audio_s: float
+    rss_start_mb: float
+    rss_end_mb: float
+
+    @property
+    def cpu_per_audio_hour(self) -> float:
+        return self.cpu_s / (self.audio_s / 3600)
+
+
+class Bench:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.broker = Mosquitto(workdir / "mosquitto").start()
+        self.stt = SttDouble(api_key=API_KEY).start()
+        self.count = 0
+
+    def close(self) -> None:
+        self.stt.stop()
+        self.broker.stop()
+
+    def home(self) -> Path:
+        self.count += 1
+        home = self.workdir / f"run{self.count}"
+        home.mkdir()
+        return home
+
+    def edged(self, home: Path, extra_env: dict[str, str] | None = None,
+              **sections: dict[str, object]) -> subprocess.Popen[bytes]:
+        config: dict[str, dict[str, object]] = {
+            "device": {"id": "bench"},
+            "audio": {"device": "testmic"},
+            "stt": {"url": self.stt.url, "replay_speed": 20.0},
+            "mqtt": {"host": "127.0.0.1", "port": self.broker.port},
+        }
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        path = write_config(home / "edged.toml", config, top={"state_dir": str(home / "state")})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+        env.update({"HOME": str(home), "EDGED_STT__API_KEY": API_KEY, **(extra_env or {})})
+        return subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(path)],
+                                env=env, stdout=(home / "log").open("wb"),
+                                stderr=subprocess.STDOUT)
+
+    def naive(self, home: Path) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "HOME": str(home)}
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts/lib/naive_client.py"),
+             f"{self.stt.url}?provider=deepgram&encoding=pcm_s16le&sample_rate=16000", API_KEY,
+             "testmic"], env=env, stdout=(home / "log").open("wb"), stderr=subprocess.STDOUT)
+
+    def measure(self, start: Callable[[Path], subprocess.Popen[bytes]], audio_s: float,
+                speed: float, period_ms: int = 100) -> Run:
+        home = self.home()
+        mic = FifoMic(home, speed=speed, period_ms=period_ms)
+        process = start(home)
+        try:
+            time.sleep(2.0)  # start-up is not what this measures
+            rss_start = rss_mb(process.pid)
+            cpu_start = cpu_seconds(process.pid)
+            written_start = mic.stream_seconds
+            mic.play(speech(audio_s))
+            mic.wait_idle(timeout=audio_s / speed * 3 + 60)
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args} died; see {home / 'log'}")
+            cpu = cpu_seconds(process.pid) - cpu_start
+            audio = mic.stream_seconds - written_start
+            return Run(cpu, audio, rss_start, rss_mb(process.pid))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            mic.stop()
+
+    def latency(self, audio_s: float) -> list[float]:
+        """Server's send of a final to the subscriber's receipt, at real time."""
+        home = self.home()
+        mic = FifoMic(home, speed=1.0)
+        subscriber = Subscriber(self.broker.port, "edged/bench/transcript")
+        sent_before = len(self.stt.finals_sent_at)
+        process = self.edged(home)
+        try:
+            time.sleep(1.0)
+            utterances = [[VOCABULARY[i % 8]] for i in range(int(audio_s / 1.2))]
+            audio, _ = script(utterances, pause_s=0.8)
+            mic.play(audio)
+            received = [subscriber.next("edged/bench/transcript", timeout=60).received_at
+                        for _ in utterances]
+            sent = self.stt.finals_sent_at[sent_before:sent_before + len(received)]
+            return [(r - s) * 1000 for r, s in zip(received, sent, strict=True)]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+            subscriber.close()
+            mic.stop()
+
+    def catch_up(self, outage_s: float) -> tuple[float, int, int]:
+        """Seconds to drain the backlog of an outage at the default replay speed,
+        and the live utterances spoken during the drain that were transcribed."""
+        home = self.home()
+        mic = FifoMic(home, speed=1.0)
+        subscriber = Subscriber(self.broker.port, "edged/bench/#")
+        process = self.edged(home, stt={"replay_speed": 1.25})
+        try:
+            time.sleep(1.0)
+            self.stt.faults.refuse_status, self.stt.faults.refuse_count = 503, 10**6
+            self.stt.abort_connections()
+            during_outage, outage_utterances = utterances(outage_s)
+            mic.play(during_outage)
+            time.sleep(len(during_outage) / 32000)
+            self.stt.faults.refuse_count = 0
+            restored = time.monotonic()
+            live, spoken = utterances(outage_s * 4)  # people talk on while the backlog drains
+            mic.play(live)
+            finals = 0
+            drained = 0.0
+            while finals < outage_utterances + spoken:
+                message = subscriber.next(timeout=600)
+                if message.topic.endswith("/transcript"):
+                    finals += 1
+                elif message.topic.endswith("/state") and not drained:
+                    state = message.json()
+                    if state["status"] == "streaming" and state["buffered_s"] == 0.0:
+                        drained = time.monotonic() - restored
+            return drained, finals - outage_utterances, spoken
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+            subscriber.close()
+            mic.stop()
+
+    def startup(self) -> float:
+        home = self.home()
+        mic = FifoMic(home, speed=1.0)
+        notify = NotifySocket(home / "notify.sock")
+        started = time.monotonic()
+        process = self.edged(home, extra_env={"NOTIFY_SOCKET": str(home / "notify.sock")})
+        try:
+            return notify.wait_for("READY", "1", timeout=30) - started
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+            notify.close()
+            mic.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="shorter runs, rougher figures")
+    args = parser.parse_args()
+    ab_audio_s = 300.0 if args.quick else 1200.0
+    long_audio_s = 1800.0 if args.quick else 7200.0
+    outage_s = 20.0 if args.quick else 60.0
+    speed = 20.0
+
+    with tempfile.TemporaryDirectory(prefix="edged-bench-") as directory:
+        bench = Bench(Path(directory))
+        try:
+            print(f"A/B: {ab_audio_s:.0f} s of audio per run at {speed:.0f}x real time", flush=True)
+            edged_runs, naive_runs = [], []
+            for _ in range(2):  # A/B/A/B
+                edged_runs.append(bench.measure(bench.edged, ab_audio_s, speed))
+                # The naive client reads 4,000-frame periods: the feeder writes those.
+                naive_runs.append(bench.measure(bench.naive, ab_audio_s, speed, period_ms=250))
+            print(f"long run: {long_audio_s / 3600:.1f} h of audio at 40x", flush=True)
+            long_run = bench.measure(bench.edged, long_audio_s, 40.0)
+            print("latency, catch-up, start-up ...", flush=True)
+            latencies = bench.latency(40.0 if args.quick else 120.0)
+            drained, live, spoken = bench.catch_up(outage_s)
+            startups = [bench.startup() for _ in range(3)]
+        finally:
+            bench.close()
+
+    edged_cpu = statistics.mean(r.cpu_per_audio_hour for r in edged_runs)
+    naive_cpu = statistics.mean(r.cpu_per_audio_hour for r in naive_runs)
+    quantiles = statistics.quantiles(latencies, n=100)
+    rows = [
+        ("CPU s per hour of audio", f"{edged_cpu:.1f}", f"{naive_cpu:.1f}",
+         f"{edged_cpu / naive_cpu:.2f}"),
+        ("  runs (A/B/A/B)", " ".join(f"{r.cpu_per_audio_hour:.1f}" for r in edged_runs),
+         " ".join(f"{r.cpu_per_audio_hour:.1f}" for r in naive_runs), ""),
+        ("RSS after start-up, MB", f"{edged_runs[0].rss_start_mb:.1f}",
+         f"{naive_runs[0].rss_start_mb:.1f}", ""),
+        (f"RSS after {long_audio_s / 3600:.1f} h of audio, MB", f"{long_run.rss_end_mb:.1f}",
+         "", ""),
+        ("RSS growth over the long run, MB", f"{long_run.rss_end_mb - long_run.rss_start_mb:+.1f}",
+         "", ""),
+        ("final-to-MQTT latency p50 / p99, ms", f"{quantiles[49]:.1f} / {quantiles[98]:.1f}",
+         "", ""),
+        (f"drain a {outage_s:.0f} s backlog at 1.25x, s", f"{drained:.1f}", "", ""),
+        ("live utterances during the drain, transcribed", f"{live} of {spoken}", "", ""),
+        ("start-up to READY=1, s (3 runs)", " ".join(f"{s:.2f}" for s in startups), "", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'figure'.ljust(width)} | edged | naive client | ratio |")
+    print(f"|{'-' * (width + 2)}|-------|--------------|-------|")
+    for name, ours, theirs, ratio in rows:
+        print(f"| {name.ljust(width)} | {ours} | {theirs} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

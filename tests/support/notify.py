@@ -1,0 +1,49 @@
+"""A stand-in for systemd's notify socket: records what the daemon sends."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+
+class NotifySocket:
+    """What systemd would receive: (monotonic time, fields) per datagram."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, fields in list(self.messages):
+                if key in fields and (value is None or fields[key] == value):
+                    return at
+            time.sleep(0.05)
+        raise TimeoutError(f"no {key}={value} from the daemon; got {self.messages[-5:]}")
+
+    def pings_between(self, start: float, end: float) -> list[float]:
+        return [at for at, fields in list(self.messages)
+                if fields.get("WATCHDOG") == "1" and start <= at <= end]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
