@@ -103,3 +103,15 @@ def test_missing_microphone_is_retried_and_reported_then_used(
     mic.play(audio)
     final = subscriber.next("edged/testpi/transcript", timeout=20).json()
     assert [w["text"] for w in final["words"]] == ["charlie", "delta"]
+
+
+def test_capture_faster_than_the_loop_is_bounded_and_sigterm_still_works(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    daemon = stack.daemon()
+    daemon.wait_for_log("stt.connected")
+    mic.stop()  # the file plugin now returns stale periods as fast as it can
+    state = latest_state(subscriber, lambda s: s["overruns"] > 0, timeout=30)
+    assert state["overruns"] > 0, "periods the loop cannot take are dropped and counted"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0

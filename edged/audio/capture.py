@@ -28,6 +28,9 @@ from edged.errors import CaptureError, CaptureFormatError
 
 log = logging.getLogger("edged.capture")
 
+# Periods handed to the event loop but not yet taken (about 5 s at 100 ms).
+MAX_IN_FLIGHT = 50
+
 
 @dataclass
 class CaptureStats:
@@ -91,6 +94,8 @@ class Capture:
         self._on_fatal = on_fatal
         self._on_change = on_change
         self._stop = threading.Event()
+        # Periods handed to the loop and not yet taken: a bounded handoff.
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._thread = threading.Thread(target=self._run, name="edged-capture", daemon=True)
 
     def start(self) -> None:
@@ -166,7 +171,17 @@ class Capture:
                 continue
             if data and not self._stop.is_set():
                 self.stats.periods += 1
-                self._loop.call_soon_threadsafe(self._on_audio, data)
+                if not self._in_flight.acquire(blocking=False):
+                    # The loop is not keeping up: drop this period, counted as an
+                    # overrun, rather than queue without bound (memory, and a
+                    # SIGTERM stuck behind the queue).
+                    self.stats.overruns += 1
+                    continue
+                self._loop.call_soon_threadsafe(self._deliver, data)
+
+    def _deliver(self, data: bytes) -> None:
+        self._in_flight.release()
+        self._on_audio(data)
 
     def _set_open(self, is_open: bool) -> None:
         self.stats.open = is_open
