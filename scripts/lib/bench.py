@@ -59,12 +59,27 @@ def speech(seconds: float) -> bytes:
     return utterances(seconds)[0]
 
 
+def sparse_speech(seconds: float, share: float = 0.10) -> bytes:
+    """A home's day in miniature: `share` of the time someone speaks."""
+    spoken = [[VOCABULARY[(i * 5 + j) % len(VOCABULARY)] for j in range(3)]
+              for i in range(max(int(seconds * share / 1.1), 1))]
+    utterance_s = 3 * 0.3 + 2 * 0.1  # three words and two gaps
+    pause = utterance_s / share - utterance_s
+    audio, _ = script(spoken, pause_s=pause)
+    return audio
+
+
 @dataclass
 class Run:
     cpu_s: float
     audio_s: float
     rss_start_mb: float
     rss_end_mb: float
+    sent_s: float = 0.0
+
+    @property
+    def sent_share(self) -> float:
+        return self.sent_s / self.audio_s
 
     @property
     def cpu_per_audio_hour(self) -> float:
@@ -113,7 +128,8 @@ class Bench:
              "testmic"], env=env, stdout=(home / "log").open("wb"), stderr=subprocess.STDOUT)
 
     def measure(self, start: Callable[[Path], subprocess.Popen[bytes]], audio_s: float,
-                speed: float, period_ms: int = 100) -> Run:
+                speed: float, period_ms: int = 100,
+                audio: Callable[[float], bytes] = speech) -> Run:
         home = self.home()
         mic = FifoMic(home, speed=speed, period_ms=period_ms)
         process = start(home)
@@ -122,13 +138,17 @@ class Bench:
             rss_start = rss_mb(process.pid)
             cpu_start = cpu_seconds(process.pid)
             written_start = mic.stream_seconds
-            mic.play(speech(audio_s))
+            sent_start = sum(session.bytes_received for session in self.stt.sessions)
+            mic.play(audio(audio_s))
             mic.wait_idle(timeout=audio_s / speed * 3 + 60)
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args} died; see {home / 'log'}")
+            time.sleep(1.0)  # the last frames reach the server
             cpu = cpu_seconds(process.pid) - cpu_start
-            audio = mic.stream_seconds - written_start
-            return Run(cpu, audio, rss_start, rss_mb(process.pid))
+            captured = mic.stream_seconds - written_start
+            sent = (sum(session.bytes_received for session in self.stt.sessions)
+                    - sent_start) / 32000
+            return Run(cpu, captured, rss_start, rss_mb(process.pid), sent)
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -227,6 +247,11 @@ def main() -> int:
                 edged_runs.append(bench.measure(bench.edged, ab_audio_s, speed))
                 # The naive client reads 4,000-frame periods: the feeder writes those.
                 naive_runs.append(bench.measure(bench.naive, ab_audio_s, speed, period_ms=250))
+            print("voice-activity gating: a day with 10% speech", flush=True)
+            gated = bench.measure(
+                lambda home: bench.edged(home, vad={"enabled": True}), ab_audio_s, speed,
+                audio=sparse_speech)
+            continuous = bench.measure(bench.edged, ab_audio_s, speed, audio=sparse_speech)
             print(f"long run: {long_audio_s / 3600:.1f} h of audio at 40x", flush=True)
             long_run = bench.measure(bench.edged, long_audio_s, 40.0)
             print("latency, catch-up, start-up ...", flush=True)
@@ -255,6 +280,12 @@ def main() -> int:
         (f"drain a {outage_s:.0f} s backlog at 1.25x, s", f"{drained:.1f}", "", ""),
         ("live utterances during the drain, transcribed", f"{live} of {spoken}", "", ""),
         ("start-up to READY=1, s (3 runs)", " ".join(f"{s:.2f}" for s in startups), "", ""),
+        ("10% speech: share of audio sent, VAD on / off",
+         f"{gated.sent_share:.1%} / {continuous.sent_share:.1%}", "", ""),
+        ("10% speech: CPU s per hour of audio, VAD on / off",
+         f"{gated.cpu_per_audio_hour:.1f} / {continuous.cpu_per_audio_hour:.1f}", "", ""),
+        ("10% speech: minutes billed per 30 days, VAD on / off",
+         f"{43200 * gated.sent_share:.0f} / {43200 * continuous.sent_share:.0f}", "", ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'figure'.ljust(width)} | edged | naive client | ratio |")

@@ -54,7 +54,9 @@ class FifoMic:
         with self._lock:
             start = (self.written + len(self._pending) + self._queued) / 2 / RATE
             self._queued += len(pcm)
-            self._queue.put(pcm)
+            # One queue item per period: no copying of the rest at every write.
+            for offset in range(0, len(pcm), self.period_bytes):
+                self._queue.put(pcm[offset : offset + self.period_bytes])
         return start
 
     def wait_idle(self, timeout: float = 60.0) -> None:
