@@ -191,6 +191,12 @@ class AudioBuffer:
         if self.spool is not None:
             self.spool.release(self._acknowledged)
 
+    def skip_silence(self, end: int) -> None:
+        """Voice-activity gating settled that audio before `end` is silence, never
+        to be sent: it is not a backlog, so it is not put on disk."""
+        self.sent = max(self.sent, min(end, self.head))
+        self._offline = False
+
     def session_opened(self) -> None:
         """Audio stops going to disk; the backlog there is read from it and
         deleted as it is acknowledged."""

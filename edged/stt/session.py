@@ -151,6 +151,8 @@ class SttSession:
         while self.gate.next_sendable(max(self.finals.acknowledged, self.buffer.oldest)) is None:
             if self._closing.is_set():
                 return False
+            # Silence is settled: it needs no session, and no disk either.
+            self.buffer.skip_silence(self.gate.silence_until())
             self._audio.clear()
             await self._audio.wait()
         return not self._closing.is_set()
