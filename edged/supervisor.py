@@ -266,13 +266,15 @@ class Daemon:
         # The counters of audio captured and sent move every second: they ride
         # along, but alone they re-publish the retained state once a minute.
         moving = {key: state.pop(key) for key in ("captured_s", "sent_s")}
-        fingerprint = json.dumps(state, separators=(",", ":"))
+        # A new broker connection (the broker may have lost the retained copy)
+        # or a new client after a reload wants it again.
+        fingerprint = f"{self.publisher.connects}:{id(self.publisher)}:" + json.dumps(state)
         now = time.monotonic()
         if fingerprint == self._state_fingerprint and now - self._state_sent_at < 60:
             return
-        self._state_fingerprint, self._state_sent_at = fingerprint, now
-        self.publisher.publish_state(json.dumps({**state, **moving}, separators=(",", ":"))
-                                     .encode())
+        payload = json.dumps({**state, **moving}, separators=(",", ":")).encode()
+        if self.publisher.publish_state(payload):
+            self._state_fingerprint, self._state_sent_at = fingerprint, now
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -354,7 +356,6 @@ class Daemon:
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
             self.publisher.start()
-            self._state_fingerprint = ""  # the new client publishes the state afresh
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():

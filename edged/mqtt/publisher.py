@@ -45,7 +45,7 @@ class MqttPublisher:
         self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq
         self._handed_over: set[int] = set()  # seqs paho holds
         self._drained = asyncio.Event()
-        self._last_state: bytes | None = None
+        self.connects = 0  # successful connections: each wants the state again
         self._received_at: dict[int, float] = {}  # seq -> when the final came in
         self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
         self._client = self._make_client()
@@ -172,12 +172,12 @@ class MqttPublisher:
                 self._client.publish(topic, payload, qos=1, retain=True)
             log.info("mqtt.discovery_announced prefix=%s", self.settings.mqtt.discovery_prefix)
 
-    def publish_state(self, payload: bytes) -> None:
-        """Retained state, sent when it changed and the broker is there."""
-        if not self.connected or payload == self._last_state:
-            return
+    def publish_state(self, payload: bytes) -> bool:
+        """Retained state, if the broker is there; whether it went out."""
+        if not self.connected:
+            return False
         self._client.publish(self.topics.state, payload, qos=1, retain=True)
-        self._last_state = payload
+        return True
 
     def _acknowledged(self, seq: int) -> None:
         received_at = self._received_at.pop(seq, None)
@@ -225,7 +225,7 @@ class MqttPublisher:
         self.connected = True
         self.connect_failures = 0
         self.last_error = None
-        self._last_state = None  # the broker may have lost it: send again
+        self.connects += 1
         log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
                  str(self.settings.mqtt.uses_tls).lower())
         self._announce()
