@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.audio.buffer import AudioBuffer
@@ -28,8 +28,6 @@ from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
 from edged.logs import set_secrets
-from edged.metrics import Metrics
-from edged.metrics import Snapshot as MetricsSnapshot
 from edged.monitor.server import MonitorServer
 from edged.mqtt.payloads import (
     HERMES_TEXT_CAPTURED,
@@ -43,6 +41,9 @@ from edged.sdnotify import Notifier
 from edged.streamclock import StreamClock
 from edged.stt.protocol import Final, samples_to_seconds
 from edged.stt.session import SttSession
+
+if TYPE_CHECKING:
+    from edged.metrics import Metrics, Snapshot
 
 log = logging.getLogger("edged")
 
@@ -77,8 +78,7 @@ class Daemon:
                                   self._publish_partial, self.gate)
         self.buffer.on_append = self.session.audio_arrived
         self.capture = self._make_capture(settings)
-        self.metrics = Metrics(settings.metrics, self._metrics_snapshot)
-        self.publisher.on_delivered = self.metrics.latency.observe
+        self.metrics: Metrics | None = None  # prometheus-client is loaded only when asked for
         self.notifier = Notifier()
         self._last_audio = 0.0  # monotonic time of the last period captured
         self._ready = False
@@ -91,11 +91,24 @@ class Daemon:
         self._stopping = False
 
     def _start_metrics(self) -> None:
+        settings = self.settings.metrics
+        if not settings.enabled:
+            return
+        from edged.metrics import Metrics
+
+        self.metrics = Metrics(settings, self._metrics_snapshot)
+        self.publisher.on_delivered = self.metrics.latency.observe
         try:
             self.metrics.start()
         except OSError as error:  # a taken port must not stop the audio
-            log.error("metrics.unavailable address=%s:%d error=%s", self.metrics.settings.host,
-                      self.metrics.settings.port, error.strerror or error)
+            log.error("metrics.unavailable address=%s:%d error=%s", settings.host,
+                      settings.port, error.strerror or error)
+
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+            self.publisher.on_delivered = None
 
     def _make_capture(self, settings: Settings) -> Capture:
         return Capture(settings.audio, self.loop, self._captured, self._capture_failed,
@@ -185,9 +198,11 @@ class Daemon:
             "last_error": errors[0] if errors else None,
         }
 
-    def _metrics_snapshot(self) -> MetricsSnapshot:
+    def _metrics_snapshot(self) -> Snapshot:
+        from edged.metrics import Snapshot
+
         stt, mic = self.session.stats, self.capture.stats
-        return MetricsSnapshot(
+        return Snapshot(
             captured_s=samples_to_seconds(self.buffer.head),
             sent_s=samples_to_seconds(stt.sent_samples),
             dropped_s=samples_to_seconds(self.buffer.dropped),
@@ -344,11 +359,10 @@ class Daemon:
             self.capture.start()
         self.session.reconfigure(new)
         if new.metrics != old.metrics:
-            self.metrics.stop()
-            self.metrics.settings = new.metrics
+            self._stop_metrics()
             self._start_metrics()
         if publisher is not None:
-            publisher.on_delivered = self.metrics.latency.observe
+            publisher.on_delivered = self.metrics.latency.observe if self.metrics else None
             moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
                 old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
             if old.mqtt.discovery and (moved or not new.mqtt.discovery):
@@ -390,7 +404,7 @@ class Daemon:
         self.outbox.close()
         self.buffer.persist()  # what was not transcribed is replayed on the next start
         self.spool.close()
-        self.metrics.stop()
+        self._stop_metrics()
         self.notifier.close()
         return self._exit_status()
 
