@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _config_failed(error)
     settings = loaded.settings
-    setup_logging(settings.log_level, secrets=[settings.api_key or ""])
+    setup_logging(settings.log_level, secrets=settings.secrets)
     if not settings.api_key:
         log.warning("stt.no_api_key hint=set stt.api_key_file or EDGED_STT__API_KEY")
     from edged.supervisor import run_daemon  # imports ALSA and paho only when running

@@ -210,6 +210,11 @@ class Settings(BaseSettings):
         return self.stt.api_key.get_secret_value() if self.stt.api_key else None
 
     @property
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log's last line of defence."""
+        return [secret for secret in (self.api_key, self.mqtt_password) if secret]
+
+    @property
     def mqtt_password(self) -> str | None:
         return self.mqtt.password.get_secret_value() if self.mqtt.password else None
 

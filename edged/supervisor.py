@@ -321,7 +321,7 @@ class Daemon:
             log.error("config.reload_refused keeping=current error=%s", error)
             return
         old = self.settings
-        set_secrets([key for key in (old.api_key, new.api_key) if key])
+        set_secrets(old.secrets + new.secrets)
         if new.state_dir != old.state_dir:
             log.warning("config.reload state_dir=%s needs a restart; keeping %s",
                         new.state_dir, old.state_dir)

@@ -35,10 +35,12 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None, extra: str = ""):
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = "",
+                 anonymous: bool = True):
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = extra  # listener options, e.g. TLS files
+        self.anonymous = anonymous
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mosquitto:
@@ -46,7 +48,8 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n{self.extra}allow_anonymous true\n"
+            f"listener {self.port} 127.0.0.1\n{self.extra}"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             "persistence false\n"
             # Started as root, mosquitto drops to its own user before it loads
             # TLS files, and could not read them in pytest's private tmp dirs.
