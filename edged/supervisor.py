@@ -111,8 +111,10 @@ class Daemon:
             self.publisher.on_delivered = None
 
     def _make_capture(self, settings: Settings) -> Capture:
+        # Audio leaves in frames of stt.frame_ms: handing it over from the
+        # capture thread at that size wakes the loop no more than needed.
         return Capture(settings.audio, self.loop, self._captured, self._capture_failed,
-                       self._changed)
+                       self._changed, handoff_ms=settings.stt.frame_ms)
 
     # -- data path callbacks (all on the loop) --------------------------------
 
@@ -174,8 +176,9 @@ class Daemon:
 
     def state(self) -> dict[str, Any]:
         stt, mic = self.session.stats, self.capture.stats
-        # One period in flight is normal streaming, not a backlog.
-        backlog = max(self.buffer.unsent_samples - self.settings.audio.chunk_frames, 0)
+        # One frame being gathered is normal streaming, not a backlog.
+        frame = SAMPLE_RATE * max(self.settings.stt.frame_ms, self.settings.audio.chunk_ms) // 1000
+        backlog = max(self.buffer.unsent_samples - frame, 0)
         errors = [e for e in (stt.last_error, mic.last_error, self.publisher.last_error,
                               self.spool.last_error) if e]
         return {
@@ -353,7 +356,7 @@ class Daemon:
         if new.buffer != old.buffer:
             self.buffer.max_samples = new.buffer.max_seconds * SAMPLE_RATE
             self.spool.max_bytes = new.buffer.spool_max_mb * 1024 * 1024
-        if new.audio != old.audio:
+        if new.audio != old.audio or new.stt.frame_ms != old.stt.frame_ms:
             await asyncio.to_thread(self.capture.stop)
             self.capture = self._make_capture(new)
             self.capture.start()

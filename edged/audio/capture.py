@@ -23,7 +23,7 @@ from typing import Any
 import alsaaudio
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
-from edged.config import CHANNELS, SAMPLE_RATE, AudioSettings
+from edged.config import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, AudioSettings
 from edged.errors import CaptureError, CaptureFormatError
 
 log = logging.getLogger("edged.capture")
@@ -86,8 +86,11 @@ class Capture:
         on_audio: Callable[[bytes], None],
         on_fatal: Callable[[BaseException], None],
         on_change: Callable[[], None] = lambda: None,
+        handoff_ms: int | None = None,
     ):
         self.settings = settings
+        handoff_ms = max(handoff_ms or settings.chunk_ms, settings.chunk_ms)
+        self._handoff_bytes = SAMPLE_RATE * SAMPLE_WIDTH * handoff_ms // 1000
         self.stats = CaptureStats()
         self._loop = loop
         self._on_audio = on_audio
@@ -155,10 +158,16 @@ class Capture:
         self._loop.call_soon_threadsafe(self._on_change)
 
     def _read_until_error(self, pcm: Any) -> None:
+        # Periods are handed to the loop in batches of `handoff_ms`: each
+        # handoff wakes the loop, and wake-ups are most of the daemon's CPU.
+        batch: list[bytes] = []
+        batched = 0
         while not self._stop.is_set():
             try:
                 length, data = pcm.read()
             except alsaaudio.ALSAAudioError as error:
+                if batch:
+                    self._hand_over(b"".join(batch))
                 self.stats.last_error = f"device lost: {error}"
                 log.warning("capture.lost device=%s error=%s", self.settings.device, error)
                 return
@@ -171,13 +180,20 @@ class Capture:
                 continue
             if data and not self._stop.is_set():
                 self.stats.periods += 1
-                if not self._in_flight.acquire(blocking=False):
-                    # The loop is not keeping up: drop this period, counted as an
-                    # overrun, rather than queue without bound (memory, and a
-                    # SIGTERM stuck behind the queue).
-                    self.stats.overruns += 1
-                    continue
-                self._loop.call_soon_threadsafe(self._deliver, data)
+                batch.append(data)
+                batched += len(data)
+                if batched >= self._handoff_bytes:
+                    self._hand_over(b"".join(batch) if len(batch) > 1 else batch[0])
+                    batch, batched = [], 0
+
+    def _hand_over(self, data: bytes) -> None:
+        if not self._in_flight.acquire(blocking=False):
+            # The loop is not keeping up: drop this audio, counted as an
+            # overrun, rather than queue without bound (memory, and a
+            # SIGTERM stuck behind the queue).
+            self.stats.overruns += 1
+            return
+        self._loop.call_soon_threadsafe(self._deliver, data)
 
     def _deliver(self, data: bytes) -> None:
         self._in_flight.release()
