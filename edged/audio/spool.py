@@ -160,10 +160,6 @@ class Spool:
         return self._records[-1].end if self._records else 0
 
     @property
-    def has_backlog(self) -> bool:
-        return bool(self._records or self._pending)
-
-    @property
     def size(self) -> int:
         return sum(segment.size for segment in self._segments)
 

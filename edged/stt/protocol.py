@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edged.config import SAMPLE_RATE, SAMPLE_WIDTH
+from edged.config import SAMPLE_RATE
 
 ENCODING = "pcm_s16le"
 
@@ -137,10 +137,6 @@ def seconds_to_samples(seconds: float) -> int:
 
 def samples_to_seconds(samples: int) -> float:
     return samples / SAMPLE_RATE
-
-
-def bytes_to_samples(size: int) -> int:
-    return size // SAMPLE_WIDTH
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import BinaryIO
 
 RATE = 16_000
 PERIOD_MS = 100
-PERIOD_BYTES = RATE * 2 * PERIOD_MS // 1000
 
 
 def write_asoundrc(home: Path, fifo: Path, name: str = "testmic") -> None:
