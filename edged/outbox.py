@@ -43,6 +43,8 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self.depth = self._scalar("SELECT COUNT(*) FROM outbox")
+        # Transcripts dropped from a full outbox, ever (kept across restarts).
+        self.dropped = self._scalar("SELECT value FROM meta WHERE key = 'dropped'")
 
     def _scalar(self, sql: str) -> int:
         row = self._db.execute(sql).fetchone()
@@ -51,10 +53,6 @@ class Outbox:
     @property
     def last_seq(self) -> int:
         return self._scalar("SELECT value FROM meta WHERE key = 'last_seq'")
-
-    @property
-    def dropped(self) -> int:
-        return self._scalar("SELECT value FROM meta WHERE key = 'dropped'")
 
     def add(self, render: Callable[[int], bytes]) -> OutboxItem:
         """Commit a new item; `render(seq)` makes its payload."""
@@ -76,6 +74,7 @@ class Outbox:
         )
         self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (count,))
         self.depth -= count
+        self.dropped += count
         log.warning("outbox.full dropped=%d max_items=%d", count, self.max_items)
 
     def pending(self) -> list[OutboxItem]:

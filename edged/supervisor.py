@@ -198,6 +198,7 @@ class Daemon:
             "overruns": mic.overruns,
             "malformed_frames": stt.malformed_frames,
             "outbox_depth": self.outbox.depth,
+            "outbox_dropped": self.outbox.dropped,
             "last_error": errors[0] if errors else None,
         }
 

@@ -62,3 +62,17 @@ def test_seq_continues_across_restarts(stack: Stack, mic: FifoMic,
     audio, _ = script([["hotel"]])
     mic.play(audio)
     assert subscriber.next(TOPIC).json()["seq"] == seq + 1
+
+
+def test_full_outbox_drops_the_oldest_and_counts_it_across_restarts(tmp_path) -> None:
+    from edged.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox.sqlite3", max_items=3)
+    for _ in range(5):
+        outbox.add(lambda seq: f"final {seq}".encode())
+    assert [item.seq for item in outbox.pending()] == [3, 4, 5]
+    assert outbox.dropped == 2
+    outbox.close()
+    again = Outbox(tmp_path / "outbox.sqlite3", max_items=3)
+    assert again.dropped == 2
+    assert again.add(lambda seq: b"x").seq == 6

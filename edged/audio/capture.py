@@ -37,7 +37,6 @@ class CaptureStats:
     """Written by the capture thread, read by the loop (ints: atomic under the GIL)."""
 
     open: bool = False
-    periods: int = 0
     overruns: int = 0
     reopen_attempts: int = 0
     last_error: str | None = None
@@ -179,7 +178,6 @@ class Capture:
                     log.warning("capture.overrun count=%d", self.stats.overruns)
                 continue
             if data and not self._stop.is_set():
-                self.stats.periods += 1
                 batch.append(data)
                 batched += len(data)
                 if batched >= self._handoff_bytes:
