@@ -464,7 +464,10 @@ def test_monitor_is_interrupted_cleanly_without_a_terminal(
     process = subprocess.Popen(
         [sys.executable, str(script), str(short_dir / "absent.sock"), "no-such-device"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"HOME": str(short_dir),
-                                                            "PATH": "/usr/bin:/bin"})
+                                                            "PATH": "/usr/bin:/bin"},
+        # As from a terminal: a shell's background job (a test run started
+        # with `&`) passes SIGINT on ignored, and Python then keeps it so.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(1.5)
         assert process.poll() is None, process.communicate()
