@@ -84,7 +84,7 @@ class SttSettings(_Section):
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     replay_speed: float = Field(default=1.25, ge=1.0, le=20.0)
     # Audio per binary frame while streaming live (the protocol allows 100 to 250).
-    frame_ms: int = Field(default=200, ge=100, le=250)
+    frame_ms: int = Field(default=250, ge=100, le=250)
     close_message: str = '{"type":"CloseStream"}'
     close_timeout_s: float = Field(default=5.0, gt=0, le=120)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=120)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -171,6 +172,10 @@ class Daemon:
             # retried: start-up is over either way, STATUS says which.
             self._ready = True
             self.notifier.send(READY=1, STATUS=self._status_text())
+            # What start-up made (modules, config models and their schemas)
+            # lives as long as the process: out of the collector's sight, its
+            # full collections no longer walk it again and again.
+            gc.freeze()
 
     # -- state ------------------------------------------------------------------
 

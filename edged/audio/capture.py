@@ -28,7 +28,7 @@ from edged.errors import CaptureError, CaptureFormatError
 
 log = logging.getLogger("edged.capture")
 
-# Periods handed to the event loop but not yet taken (about 5 s at 100 ms).
+# Batches handed to the event loop but not yet taken (12 s at 250 ms).
 MAX_IN_FLIGHT = 50
 
 
@@ -96,8 +96,10 @@ class Capture:
         self._on_fatal = on_fatal
         self._on_change = on_change
         self._stop = threading.Event()
-        # Periods handed to the loop and not yet taken: a bounded handoff.
-        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        # A bounded handoff: batches handed over minus batches taken. Each
+        # counter has one writer (the thread, the loop), so no lock is needed.
+        self._handed = 0
+        self._taken = 0
         self._thread = threading.Thread(target=self._run, name="edged-capture", daemon=True)
 
     def start(self) -> None:
@@ -185,16 +187,17 @@ class Capture:
                     batch, batched = [], 0
 
     def _hand_over(self, data: bytes) -> None:
-        if not self._in_flight.acquire(blocking=False):
+        if self._handed - self._taken >= MAX_IN_FLIGHT:
             # The loop is not keeping up: drop this audio, counted as an
             # overrun, rather than queue without bound (memory, and a
             # SIGTERM stuck behind the queue).
             self.stats.overruns += 1
             return
+        self._handed += 1
         self._loop.call_soon_threadsafe(self._deliver, data)
 
     def _deliver(self, data: bytes) -> None:
-        self._in_flight.release()
+        self._taken += 1
         self._on_audio(data)
 
     def _set_open(self, is_open: bool) -> None:

@@ -50,6 +50,7 @@ from edged.stt.protocol import (
 log = logging.getLogger("edged.stt")
 
 MAX_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 4  # 250 ms: the protocol's largest frame
+RECV_BYTES = 16 * 1024  # per read from the socket; see _read_in_small_buffers
 STABLE_SESSION_S = 30.0  # a session that lived this long resets the backoff
 
 
@@ -91,6 +92,7 @@ class SttSession:
         self._reconfigured = False
         self._tls: tuple[Path | None, ssl.SSLContext] | None = None
         self._failures = 0  # consecutive, for the backoff
+        self._last_sent = 0.0  # monotonic time of the last frame of any kind
 
     @property
     def _frame_bytes(self) -> int:
@@ -162,6 +164,7 @@ class SttSession:
     async def _session(self) -> None:
         self._reconfigured = False
         connection = await self._connect()
+        _read_in_small_buffers(connection)
         self._connection = connection
         if self._reconfigured:  # settings changed while we were connecting
             connection.transport.abort()
@@ -184,6 +187,7 @@ class SttSession:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send(connection, timeline, start), name="stt-send")
                 tasks.create_task(self._receive(connection, timeline), name="stt-receive")
+                tasks.create_task(self._keep_alive(connection), name="stt-keepalive")
         except* (ConnectionClosed, SttError) as group:
             lost = _lost_connection(group.exceptions[0])
         finally:
@@ -242,7 +246,6 @@ class SttSession:
         self, connection: ClientConnection, timeline: SessionTimeline, cursor: int
     ) -> None:
         pacer = ReplayPacer(self.settings.stt.replay_speed)
-        last_sent = time.monotonic()
         while True:
             self._audio.clear()
             cursor, limit, tail = self._sendable(cursor)
@@ -261,16 +264,7 @@ class SttSession:
                                                        timeline.stream_position)
                         self.buffer.acknowledge(self.finals.acknowledged)
                     return
-                keepalive_s = self.settings.vad.keepalive_s
-                try:
-                    # asyncio.timeout, not wait_for: no task per wait on this hot path.
-                    async with asyncio.timeout(max(last_sent + keepalive_s - time.monotonic(), 0)):
-                        await self._audio.wait()
-                except TimeoutError:
-                    # Nothing to send for a while (silence not sent, or a quiet
-                    # microphone): services close a session that idles ~10 s.
-                    await connection.send(self.settings.vad.keepalive_message)
-                    last_sent = time.monotonic()
+                await self._audio.wait()
                 continue
             piece = self.buffer.read(cursor, min(MAX_FRAME_BYTES, unsent_bytes))
             seconds = samples_to_seconds(piece.samples)
@@ -278,12 +272,30 @@ class SttSession:
             if delay > 0:
                 await asyncio.sleep(delay)
             await connection.send(piece.data)
-            last_sent = time.monotonic()
+            self._last_sent = time.monotonic()
             self.stats.sent_samples += piece.samples
             pacer.sent(seconds)
             timeline.record_send(piece.start, piece.samples)
             cursor = piece.end
             self.buffer.mark_sent(cursor)
+
+    async def _keep_alive(self, connection: ClientConnection) -> None:
+        """Nothing sent for `vad.keepalive_s` (silence not sent, or a quiet
+        microphone): services close a session that idles ~10 s, so say we are
+        here. A task of its own that wakes once per interval, rather than a
+        timeout around every wait for audio (a timer set and cancelled on each
+        frame). It ends with the connection, and sends nothing once closing."""
+        self._last_sent = time.monotonic()
+        while not self._closing.is_set():
+            quiet_for = time.monotonic() - self._last_sent
+            if quiet_for < self.settings.vad.keepalive_s:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.vad.keepalive_s - quiet_for):
+                        await connection.wait_closed()
+                        return
+                continue
+            await connection.send(self.settings.vad.keepalive_message)
+            self._last_sent = time.monotonic()
 
     def _sendable(self, cursor: int) -> tuple[int, int, bool]:
         """(new cursor, end of what may be sent now, whether that end is final).
@@ -378,6 +390,18 @@ class SttSession:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
         self._on_change()
+
+
+def _read_in_small_buffers(connection: ClientConnection) -> None:
+    """CPython's asyncio reads each arrival with `recv(256 KiB)` (and, over
+    TLS, `SSLObject.read(256 KiB)`): allocating that much for a few hundred
+    bytes of JSON was a fifth of the daemon's CPU. What the service sends is
+    small, and a bigger frame just takes a few reads. `max_size` is the
+    transports' own attribute for this; where it is missing we leave it be."""
+    transport = connection.transport
+    for reader in (transport, getattr(transport, "_ssl_protocol", None)):
+        if isinstance(getattr(reader, "max_size", None), int):
+            reader.max_size = RECV_BYTES  # type: ignore[union-attr]
 
 
 def _is_partial(message: str | bytes) -> bool:
