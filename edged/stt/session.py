@@ -395,9 +395,10 @@ class SttSession:
 def _read_in_small_buffers(connection: ClientConnection) -> None:
     """CPython's asyncio reads each arrival with `recv(256 KiB)` (and, over
     TLS, `SSLObject.read(256 KiB)`): allocating that much for a few hundred
-    bytes of JSON was a fifth of the daemon's CPU. What the service sends is
-    small, and a bigger frame just takes a few reads. `max_size` is the
-    transports' own attribute for this; where it is missing we leave it be."""
+    bytes of JSON costs 19 us a read here against 3 us for 16 KiB, on every
+    partial transcript. What the service sends is small, and a bigger frame
+    just takes a few reads. `max_size` is the transports' own attribute for
+    this; where it is missing we leave it be."""
     transport = connection.transport
     for reader in (transport, getattr(transport, "_ssl_protocol", None)):
         if isinstance(getattr(reader, "max_size", None), int):
