@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edged")
 
-STATE_INTERVAL_S = 1.0
+STATE_INTERVAL_S = 1.0  # while the state moves by itself (a backlog, an outage)
+STATE_HEARTBEAT_S = 60.0  # re-sent this often even when nothing changed
 # Capture that delivered nothing for this long has stalled: systemd's
 # watchdog is no longer fed, so it restarts us.
 AUDIO_STALL_S = 2.0
@@ -86,6 +87,7 @@ class Daemon:
         self._status_line = ""
         self._state_fingerprint = ""
         self._state_sent_at = 0.0
+        self._last_state: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -257,8 +259,14 @@ class Daemon:
 
     async def _publish_state(self) -> None:
         while True:
+            # Events (a session up or down, the microphone, a counter the
+            # user should see) set _state_changed. Only a backlog, the
+            # outbox or an outage move the state without one: then look every
+            # second; while streaming steadily, sleep to the heartbeat.
+            interval = STATE_INTERVAL_S if self._state_moving() else STATE_HEARTBEAT_S
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_changed.wait(), STATE_INTERVAL_S)
+                async with asyncio.timeout(interval):
+                    await self._state_changed.wait()
             self._state_changed.clear()
             self._send_state()
             status = self._status_text()
@@ -285,8 +293,15 @@ class Daemon:
             deadline = max(deadline + interval, time.monotonic())
             await asyncio.sleep(deadline - time.monotonic())
 
+    def _state_moving(self) -> bool:
+        state = self._last_state
+        return (state.get("status") not in ("streaming", "listening")
+                or not state.get("mqtt_connected") or bool(state.get("buffered_s"))
+                or bool(state.get("outbox_depth")))
+
     def _send_state(self) -> None:
         state = self.state()
+        self._last_state = state
         # The counters of audio captured and sent move every second: they ride
         # along, but alone they re-publish the retained state once a minute.
         moving = {key: state.pop(key) for key in ("captured_s", "sent_s")}
@@ -294,7 +309,7 @@ class Daemon:
         # or a new client after a reload wants it again.
         fingerprint = f"{self.publisher.connects}:{id(self.publisher)}:" + json.dumps(state)
         now = time.monotonic()
-        if fingerprint == self._state_fingerprint and now - self._state_sent_at < 60:
+        if fingerprint == self._state_fingerprint and now - self._state_sent_at < STATE_HEARTBEAT_S:
             return
         payload = json.dumps({**state, **moving}, separators=(",", ":")).encode()
         if self.publisher.publish_state(payload):

@@ -13,7 +13,6 @@ transcript and shift every timestamp.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -161,28 +160,30 @@ class Capture:
     def _read_until_error(self, pcm: Any) -> None:
         # Periods are handed to the loop in batches of `handoff_ms`: each
         # handoff wakes the loop, and wake-ups are most of the daemon's CPU.
+        # This loop runs ten times a second for ever: names are bound once.
+        read, stopping, handoff_bytes = pcm.read, self._stop.is_set, self._handoff_bytes
         batch: list[bytes] = []
         batched = 0
-        while not self._stop.is_set():
+        while True:
             try:
-                length, data = pcm.read()
+                length, data = read()
             except alsaaudio.ALSAAudioError as error:
                 if batch:
                     self._hand_over(b"".join(batch))
                 self.stats.last_error = f"device lost: {error}"
                 log.warning("capture.lost device=%s error=%s", self.settings.device, error)
                 return
-            if length == -errno.EPIPE or length < 0:
-                # Overrun: we were too slow and ALSA dropped samples. pyalsaaudio
-                # has already recovered the stream; count it and read on.
-                self.stats.overruns += 1
-                if self.stats.overruns in (1, 10, 100) or self.stats.overruns % 1000 == 0:
-                    log.warning("capture.overrun count=%d", self.stats.overruns)
+            if stopping():  # a read blocks a period: look after it, not before
+                return
+            if length < 0:
+                # Overrun (-EPIPE): we were too slow and ALSA dropped samples.
+                # pyalsaaudio has already recovered the stream; count it, read on.
+                self._overran()
                 continue
-            if data and not self._stop.is_set():
+            if data:
                 batch.append(data)
                 batched += len(data)
-                if batched >= self._handoff_bytes:
+                if batched >= handoff_bytes:
                     self._hand_over(b"".join(batch) if len(batch) > 1 else batch[0])
                     batch, batched = [], 0
 
@@ -191,10 +192,17 @@ class Capture:
             # The loop is not keeping up: drop this audio, counted as an
             # overrun, rather than queue without bound (memory, and a
             # SIGTERM stuck behind the queue).
-            self.stats.overruns += 1
+            self._overran()
             return
         self._handed += 1
         self._loop.call_soon_threadsafe(self._deliver, data)
+
+    def _overran(self) -> None:
+        self.stats.overruns += 1
+        count = self.stats.overruns
+        if count in (1, 10, 100) or count % 1000 == 0:  # the log and the state say so
+            log.warning("capture.overrun count=%d", count)
+            self._loop.call_soon_threadsafe(self._on_change)
 
     def _deliver(self, data: bytes) -> None:
         self._taken += 1

@@ -114,7 +114,8 @@ class MonitorServer:
 
     def transcript(self, payload: dict[str, Any]) -> None:
         self._transcripts.append({key: payload[key] for key in TRANSCRIPT_KEYS if key in payload})
-        self._wake.set()
+        if self._clients:  # nobody watching: kept for the next one, nothing to send
+            self._wake.set()
 
     # -- internals ------------------------------------------------------------
 
@@ -165,11 +166,13 @@ class MonitorServer:
 
     async def _tick(self) -> None:
         while True:
-            if not self._clients:
+            if not self._clients:  # asleep until someone connects: no polling
                 self._wake.clear()
                 await self._wake.wait()
+                continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             if self._clients:
                 self._broadcast(self._frame())

@@ -334,6 +334,7 @@ class SttSession:
                 count = self.stats.malformed_frames
                 if count <= 3 or count % 100 == 0:  # rate-limited: a bad peer must not flood
                     log.warning("stt.malformed_frame count=%d reason=%s", count, frame.reason)
+                    self._on_change()  # and the state says so
             elif isinstance(frame, OtherMessage):
                 self._other(frame)
         if not self._closing.is_set():
