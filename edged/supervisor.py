@@ -263,7 +263,10 @@ class Daemon:
             # user should see) set _state_changed. Only a backlog, the
             # outbox or an outage move the state without one: then look every
             # second; while streaming steadily, sleep to the heartbeat.
-            interval = STATE_INTERVAL_S if self._state_moving() else STATE_HEARTBEAT_S
+            interval = STATE_INTERVAL_S
+            if not self._state_moving():  # wake when the heartbeat is due
+                heartbeat_in = self._state_sent_at + STATE_HEARTBEAT_S - time.monotonic()
+                interval = max(heartbeat_in, STATE_INTERVAL_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._state_changed.wait()
