@@ -47,6 +47,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def stop(process: subprocess.Popen[bytes], mic: FifoMic) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    mic.stop()
+
+
 def wake_ups(pid: int) -> int:
     """Voluntary context switches of all the process's threads: how often it woke."""
     total = 0
@@ -166,12 +175,7 @@ class Bench:
                     - sent_start) / 32000
             return Run(cpu, captured, rss_start, rss_mb(process.pid), sent, rss_warm)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            mic.stop()
+            stop(process, mic)
 
     def latency(self, audio_s: float) -> list[float]:
         """Server's send of a final to the subscriber's receipt, at real time."""
@@ -254,12 +258,7 @@ class Bench:
             return ((cpu_seconds(process.pid) - cpu) / seconds * 100,
                     (wake_ups(process.pid) - wakes) / seconds)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            mic.stop()
+            stop(process, mic)
 
     def startup(self) -> float:
         home = self.home()
