@@ -1,8 +1,9 @@
 """Capture from ALSA with pyalsaaudio, in a thread of its own.
 
 ALSA reads block for one period; doing them on the event loop would stall
-the network. The thread hands each whole period to the loop with
-`call_soon_threadsafe`, so the buffer is only ever touched by the loop.
+the network. The thread hands whole periods to the loop, batched to about
+a frame (`handoff_ms`), with `call_soon_threadsafe`, so the buffer is only
+ever touched by the loop.
 
 A device that is missing or vanishes (USB unplugged) is reopened with
 backoff and reported; a device that cannot deliver 16 kHz S16_LE mono is
