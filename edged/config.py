@@ -113,6 +113,11 @@ class SttSettings(_Section):
 class BufferSettings(_Section):
     max_seconds: int = Field(default=120, ge=5, le=3600)
     spool_max_mb: int = Field(default=256, ge=0, le=65536)
+    # The spool stops before the filesystem's free space falls under the
+    # larger of these (like journald's SystemKeepFree): a full SD card breaks
+    # more than edged.
+    spool_keep_free_mb: int = Field(default=64, ge=0, le=65536)
+    spool_keep_free_percent: float = Field(default=5.0, ge=0, le=90)
 
 
 class MqttSettings(_Section):
@@ -190,6 +195,9 @@ class Settings(BaseSettings):
     vad: VadSettings = Field(default_factory=VadSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     state_dir: Path = Field(default_factory=_default_state_dir)
+    # A state directory that failed (full, read-only, unwritable, corrupt) is
+    # tried again this often; meanwhile transcripts and audio wait in memory.
+    state_retry_s: float = Field(default=30.0, ge=1.0, le=3600.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod

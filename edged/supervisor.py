@@ -39,6 +39,7 @@ from edged.mqtt.payloads import (
 from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
 from edged.sdnotify import Notifier
+from edged.storage import StorageHealth, describe
 from edged.streamclock import StreamClock
 from edged.stt.protocol import Final, samples_to_seconds
 from edged.stt.session import SttSession
@@ -63,21 +64,33 @@ class Daemon:
         self._load = load  # SIGHUP loads again from the same files, variables and flags
         self._reloading = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[None]] = set()
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(settings.state_dir / "outbox.sqlite3")
+        # A state directory that cannot be written is a reported condition:
+        # the outbox and the spool fall back to memory and retry, audio flows.
+        self.storage = StorageHealth(settings.state_retry_s)
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.error("storage.state_dir_unusable path=%s error=%s", settings.state_dir,
+                      describe(error))
+        self.outbox = Outbox(settings.state_dir / "outbox.sqlite3", self.storage)
         self.monitor = MonitorServer(settings.state_dir / "monitor.sock", self.state)
         self.publisher = MqttPublisher(settings, self.outbox, loop)
         self.clock = StreamClock()
-        self.spool = Spool(settings.state_dir / "spool", settings.buffer.spool_max_mb * 1024 * 1024)
-        recovered = self.spool.recover(
-            lambda record: self.clock.captured(record.end, record.wall + samples_to_seconds(
+        self.spool = self._make_spool(settings)
+        previous = self.outbox.previous_stream
+        position = self.spool.recover(
+            self.outbox.stream_id, self.outbox.transcribed,
+            (previous.id, previous.transcribed) if previous else None)
+        for record in self.spool.records:  # recovered audio keeps its capture time
+            self.clock.captured(record.end, record.wall + samples_to_seconds(
                 record.end - record.start))
-        )
         self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE, spool=self.spool,
-                                  head=recovered)
+                                  head=position, acknowledged=self.outbox.transcribed,
+                                  release_limit=lambda: self.outbox.durable_transcribed)
         self.gate = SpeechGate(settings.vad) if settings.vad.enabled else None
         self.session = SttSession(settings, self.buffer, self._publish_final, self._changed,
                                   self._publish_partial, self.gate)
+        self.session.finals.acknowledged = self.outbox.transcribed
         self.buffer.on_append = self.session.audio_arrived
         self.capture = self._make_capture(settings)
         self.metrics: Metrics | None = None  # prometheus-client is loaded only when asked for
@@ -113,6 +126,12 @@ class Daemon:
             self.metrics = None
             self.publisher.on_delivered = None
 
+    def _make_spool(self, settings: Settings) -> Spool:
+        buffer = settings.buffer
+        return Spool(settings.state_dir / "spool", buffer.spool_max_mb * 1024 * 1024,
+                     self.storage, keep_free_bytes=buffer.spool_keep_free_mb * 1024 * 1024,
+                     keep_free_ratio=buffer.spool_keep_free_percent / 100)
+
     def _make_capture(self, settings: Settings) -> Capture:
         # Audio leaves in frames of stt.frame_ms: handing it over from the
         # capture thread at that size wakes the loop no more than needed.
@@ -131,19 +150,28 @@ class Daemon:
         if self.monitor.wants_audio:  # level metering costs CPU only while watched
             self.monitor.feed_audio(data)
 
-    def _publish_final(self, final: Final) -> None:
+    def _publish_final(self, final: Final | None, transcribed: int) -> None:
+        """Commit a final (or, without one, the transcription point alone)
+        before the session releases its audio."""
+        if final is None:
+            # Synced only when spooled audio behind the point is to be deleted.
+            spooled_from = self.spool.start
+            self.outbox.mark_transcribed(
+                transcribed, durable=spooled_from is not None and spooled_from < transcribed)
+            return
         received_at = time.monotonic()
 
-        def render(seq: int) -> bytes:
+        def render(stream_id: str, seq: int) -> bytes:
             return transcript_payload(
                 final,
+                stream_id=stream_id,
                 seq=seq,
                 device=self.settings.device.id,
                 provider=self.settings.stt.provider,
                 time=self.clock.iso(final.start),
             )
 
-        item = self.outbox.add(render)
+        item = self.outbox.add(render, transcribed)
         self.publisher.submit(item, received_at)
         self.monitor.transcript(json.loads(item.payload))
         if self.settings.mqtt.hermes:
@@ -187,7 +215,7 @@ class Daemon:
         frame = SAMPLE_RATE * max(self.settings.stt.frame_ms, self.settings.audio.chunk_ms) // 1000
         backlog = max(self.buffer.unsent_samples - frame, 0)
         errors = [e for e in (stt.last_error, mic.last_error, self.publisher.last_error,
-                              self.spool.last_error) if e]
+                              self.storage.reason) if e]
         return {
             "status": self._status(),
             "version": __version__,
@@ -206,6 +234,10 @@ class Daemon:
             "malformed_frames": stt.malformed_frames,
             "outbox_depth": self.outbox.depth,
             "outbox_dropped": self.outbox.dropped,
+            # ok | full | read_only | unwritable | corrupt | io_error: the state
+            # directory; anything but ok means transcripts and audio wait in memory.
+            "storage": self.storage.condition,
+            "storage_error": self.storage.reason,
             "last_error": errors[0] if errors else None,
         }
 
@@ -255,6 +287,8 @@ class Daemon:
             text += f"; {state['outbox_depth']} transcripts queued"
         if not state["mqtt_connected"]:
             text += "; MQTT down"
+        if state["storage"] != "ok":
+            text += f"; storage {state['storage']}: {state['storage_error']}"
         return text
 
     async def _publish_state(self) -> None:
@@ -300,7 +334,20 @@ class Daemon:
         state = self._last_state
         return (state.get("status") not in ("streaming", "listening")
                 or not state.get("mqtt_connected") or bool(state.get("buffered_s"))
-                or bool(state.get("outbox_depth")))
+                or bool(state.get("outbox_depth")) or state.get("storage") != "ok")
+
+    async def _retry_storage(self) -> None:
+        """While the disk fails, try it again every `state_retry_s`; once it works, what
+        memory holds (transcripts, the audio backlog) goes back on disk."""
+        while True:
+            await asyncio.sleep(min(self.storage.retry_s / 4, 5.0))
+            if not self.storage.retry_due():
+                continue
+            if self.outbox.retry():
+                self.publisher.fill()
+            if self.spool.retry() and self.buffer.spooling:
+                self.buffer.persist()
+            self._changed()
 
     def _send_state(self) -> None:
         state = self.state()
@@ -380,6 +427,8 @@ class Daemon:
         if new.buffer != old.buffer:
             self.buffer.max_samples = new.buffer.max_seconds * SAMPLE_RATE
             self.spool.max_bytes = new.buffer.spool_max_mb * 1024 * 1024
+            self.spool.keep_free_bytes = new.buffer.spool_keep_free_mb * 1024 * 1024
+            self.spool.keep_free_ratio = new.buffer.spool_keep_free_percent / 100
         if new.audio != old.audio or new.stt.frame_ms != old.stt.frame_ms:
             await asyncio.to_thread(self.capture.stop)
             self.capture = self._make_capture(new)
@@ -415,7 +464,8 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
-                background = [tasks.create_task(self._publish_state(), name="state-publisher")]
+                background = [tasks.create_task(self._publish_state(), name="state-publisher"),
+                              tasks.create_task(self._retry_storage(), name="storage-retry")]
                 if self.notifier.watchdog_interval_s:
                     background.append(tasks.create_task(
                         self._feed_watchdog(self.notifier.watchdog_interval_s), name="watchdog"))

@@ -80,9 +80,10 @@ class Stack:
         return write_config(self.home / "edged.toml", sections,
                             top={"state_dir": str(self.home / "state")})
 
-    def daemon(self, env: dict[str, str] | None = None, **overrides: dict[str, Any]) -> Daemon:
+    def daemon(self, env: dict[str, str] | None = None, wrap: list[str] | None = None,
+               **overrides: dict[str, Any]) -> Daemon:
         daemon = Daemon(self.home, self.config(**overrides),
-                        env={"EDGED_STT__API_KEY": API_KEY, **(env or {})})
+                        env={"EDGED_STT__API_KEY": API_KEY, **(env or {})}, wrap=wrap)
         self.daemons.append(daemon)
         return daemon.start()
 

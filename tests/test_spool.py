@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from edged.audio.buffer import AudioBuffer
-from edged.audio.spool import RECORD_BYTES, Spool
+from edged.audio.spool import Spool
+from edged.storage import StorageHealth
 from tests.conftest import Stack
 from tests.support.broker import Subscriber
 from tests.support.mic import FifoMic
@@ -26,65 +27,122 @@ def pcm(seconds: float, value: int = 1) -> bytes:
     return value.to_bytes(2, "little", signed=True) * round(seconds * 16_000)
 
 
-def test_write_read_and_recover_round_trip(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, 10 * MB)
-    spool.append(0, pcm(1.5, 7), wall=1000.0)
-    spool.append(24_000, pcm(1.0, 9), wall=1001.5)
+STREAM = "0123456789abcdef0123456789abcdef"
+OTHER = "fedcba9876543210fedcba9876543210"
+SECOND = 16_000
+
+
+def spooled(directory: Path, seconds: int, stream: str = STREAM, first: int = 0) -> None:
+    """`seconds` of audio in quarter-second records, each sample = its second + 1."""
+    spool = Spool(directory, 10 * MB)
+    spool.recover(stream, first)
+    for quarter in range(seconds * 4):
+        second = quarter // 4
+        spool.append(first + quarter * SECOND // 4, pcm(0.25, second + 1), wall=1000.0 + second)
     spool.close()
+
+
+def value_at(spool: Spool, position: int) -> int:
+    start, data = spool.read(position, 2)
+    assert start == position, f"no audio at {position}"
+    return int.from_bytes(data[:2], "little", signed=True)
+
+
+def test_write_read_and_recover_round_trip(tmp_path: Path) -> None:
+    spooled(tmp_path, 3)
     again = Spool(tmp_path, 10 * MB)
-    walls = []
-    assert again.recover(lambda record: walls.append(record.wall)) == 40_000
-    start, data = again.read(20_000, 10 * MB)
-    assert start == 20_000
-    assert data[:2] == (7).to_bytes(2, "little")
-    assert walls[0] == 1000.0
+    assert again.recover(STREAM, 0) == 3 * SECOND
+    assert value_at(again, 0) == 1
+    assert value_at(again, 2 * SECOND + 5) == 3
+    assert [r.wall for r in again.records][::4] == [1000.0, 1001.0, 1002.0]
 
 
-def test_torn_and_corrupt_segments_are_skipped_with_a_log_line(
+def test_recovery_resumes_exactly_at_the_transcription_point(tmp_path: Path) -> None:
+    spooled(tmp_path, 70)  # three segments of about 32 s
+    point = 40 * SECOND + 1234  # inside a record of the second segment
+    again = Spool(tmp_path, 10 * MB)
+    assert again.recover(STREAM, point) == 70 * SECOND
+    assert again.read(0, 2)[0] == 40 * SECOND, "nothing before the record holding the point"
+    assert value_at(again, point) == 41
+    assert len(list(tmp_path.glob("*.spool"))) == 2, "the segment wholly behind it is deleted"
+    again.release(again.end)
+    assert not list(tmp_path.glob("*.spool"))
+
+
+def test_damaged_records_are_skipped_and_the_rest_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spool = Spool(tmp_path, 10 * MB)
-    for second in range(70):  # three segments of ~32 s
-        spool.append(second * 16_000, pcm(1.0, second + 1), wall=float(second))
-    spool.close()
+    spooled(tmp_path, 70)
     files = sorted(tmp_path.glob("*.spool"))
     assert len(files) == 3
     first = bytearray(files[0].read_bytes())
-    first[len(first) // 2] ^= 0xFF  # a flipped bit in the middle of the first segment
+    first[len(first) // 2] ^= 0xFF  # one flipped byte in the middle of the first segment
     files[0].write_bytes(bytes(first))
     files[1].write_bytes(files[1].read_bytes()[:-1000])  # torn last record
-    (tmp_path / "00000099.spool").write_bytes(b"garbage")
 
     with caplog.at_level(logging.WARNING, "edged.spool"):
         recovered = Spool(tmp_path, 10 * MB)
-        samples = recovered.recover()
+        assert recovered.recover(STREAM, 0) == 70 * SECOND
 
     assert "reason=bad_checksum" in caplog.text
     assert "reason=truncated_audio" in caplog.text
-    assert "reason=bad_header" in caplog.text
-    # Segments hold 32 s. Lost: 17 s after the flipped bit, the last second
-    # of the torn one. The holes keep their place in stream time, counted.
-    assert samples == 70 * 16_000
-    assert recovered.dropped == 18 * 16_000
-    # The audio after the damage is still there, in order.
-    _, data = recovered.read(samples - 16_000, RECORD_BYTES)
-    assert data[:2] == (70).to_bytes(2, "little")
+    held = sum(r.end - r.start for r in recovered.records)
+    # Lost: the quarter second holding the flipped byte and the torn record.
+    assert held == 70 * SECOND - 2 * SECOND // 4
+    assert value_at(recovered, 17 * SECOND) == 18, "the audio after the damage is still there"
+    assert value_at(recovered, 69 * SECOND) == 70
+    # Once done with, damaged files are put aside, not deleted.
+    recovered.release(70 * SECOND)
+    assert len(list(tmp_path.glob("*.spool.damaged-*"))) == 2
+    assert not list(tmp_path.glob("*.spool"))
+
+
+def test_a_file_with_a_garbled_header_is_salvaged_and_quarantined(tmp_path: Path) -> None:
+    spooled(tmp_path, 5)
+    (path,) = tmp_path.glob("*.spool")
+    data = bytearray(path.read_bytes())
+    data[:8] = b"GARBAGE!"
+    path.write_bytes(bytes(data))
+    recovered = Spool(tmp_path, 10 * MB)
+    assert recovered.recover(STREAM, 0) == 5 * SECOND
+    assert value_at(recovered, 4 * SECOND) == 5, "records copied into this stream"
+    assert list(tmp_path.glob("*.spool.damaged-*")), "the original is kept aside"
+    again = Spool(tmp_path, 10 * MB)  # and the copy is what the next start finds
+    assert again.recover(STREAM, 0) == 5 * SECOND
+
+
+def test_audio_of_a_lost_outbox_is_kept_after_its_own_point(tmp_path: Path) -> None:
+    spooled(tmp_path, 6, stream=OTHER)
+    recovered = Spool(tmp_path, 10 * MB)
+    # The new stream is at 100 s; the lost one had transcribed its first 2 s.
+    end = recovered.recover(STREAM, 100 * SECOND, previous=(OTHER, 2 * SECOND))
+    assert end == 104 * SECOND
+    assert value_at(recovered, 100 * SECOND) == 3
+    assert Spool(tmp_path, 10 * MB).recover(STREAM, 100 * SECOND) == 104 * SECOND
 
 
 def test_full_spool_drops_the_oldest_segment_and_counts_it(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, 2 * MB)  # room for about two segments
+    spool = Spool(tmp_path, 2 * MB, keep_free_bytes=0, keep_free_ratio=0)
     for second in range(130):
-        spool.append(second * 16_000, pcm(1.0), wall=0.0)
-    spool.flush()
-    assert spool.size <= 2 * MB + RECORD_BYTES
+        spool.append(second * SECOND, pcm(1.0), wall=0.0)
+    assert spool.size <= 2 * MB
     assert spool.dropped > 0
     assert spool.start is not None
     assert spool.start >= spool.dropped
 
 
+def test_the_free_space_reserve_stops_the_spool(tmp_path: Path) -> None:
+    health = StorageHealth()
+    spool = Spool(tmp_path, 10 * MB, health, keep_free_bytes=1 << 62)
+    spool.append(0, pcm(1.0), wall=0.0)
+    assert not list(tmp_path.glob("*.spool"))
+    assert health.condition == "full"
+    assert "reserve" in (health.reason or "")
+
+
 def test_audio_reaches_disk_only_while_offline(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 10 * MB)
-    buffer = AudioBuffer(max_samples=5 * 16_000, spool=spool)
+    buffer = AudioBuffer(max_samples=5 * SECOND, spool=spool)
     buffer.session_opened()
     for _ in range(100):
         buffer.append(pcm(0.1))
@@ -96,10 +154,29 @@ def test_audio_reaches_disk_only_while_offline(tmp_path: Path) -> None:
         buffer.append(pcm(0.1))
     assert list(tmp_path.glob("*.spool"))
     assert buffer.dropped == 0
-    assert buffer.read(buffer.oldest, 10).start == 10 * 16_000  # the outage's first sample
+    assert buffer.read(buffer.oldest, 10).start == 10 * SECOND  # the outage's first sample
     buffer.session_opened()
+    buffer.append(pcm(0.1))  # replaying: new audio goes to disk too
+    assert spool.end == buffer.head
+    buffer.mark_sent(buffer.head)  # caught up: the tail is memory only again
+    buffer.append(pcm(0.1))
+    assert spool.end == buffer.head - SECOND // 10
     buffer.acknowledge(buffer.head)
     assert not list(tmp_path.glob("*.spool")), "the spool is deleted once acknowledged"
+
+
+def test_the_spool_releases_only_behind_the_durable_point(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10 * MB)
+    durable = 0
+    buffer = AudioBuffer(max_samples=5 * SECOND, spool=spool, release_limit=lambda: durable)
+    buffer.session_lost(0)
+    for _ in range(400):  # 40 s: two segments
+        buffer.append(pcm(0.1))
+    buffer.acknowledge(buffer.head)
+    assert len(list(tmp_path.glob("*.spool"))) == 2, "not durable yet: nothing deleted"
+    durable = buffer.head
+    buffer.acknowledge(buffer.head)
+    assert not list(tmp_path.glob("*.spool"))
 
 
 def test_outage_longer_than_memory_loses_nothing(
@@ -158,15 +235,21 @@ def test_backlog_on_disk_is_replayed_after_a_restart(
     assert finals[0]["time"] < time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
 
 
-def test_full_disk_degrades_to_memory_and_says_so(tmp_path: Path) -> None:
+def test_full_disk_degrades_to_memory_says_so_and_comes_back(tmp_path: Path) -> None:
     (tmp_path / "00000001.spool").symlink_to("/dev/full")  # every write: ENOSPC
-    spool = Spool(tmp_path, 10 * MB)
-    buffer = AudioBuffer(max_samples=2 * 16_000, spool=spool)
+    health = StorageHealth()
+    spool = Spool(tmp_path, 10 * MB, health, keep_free_bytes=0, keep_free_ratio=0)
+    buffer = AudioBuffer(max_samples=2 * SECOND, spool=spool)
     buffer.session_lost(0)
     for _ in range(30):  # 3 s offline: more than memory holds
         buffer.append(pcm(0.1))
-    assert not spool.enabled
-    assert spool.last_error is not None
-    assert "No space left" in spool.last_error
-    assert buffer.dropped == 16_000, "what memory could not hold is counted, nothing crashes"
-    assert buffer.read(0, 10**6).samples == 2 * 16_000
+    assert health.condition == "full"
+    assert "No space left" in (spool.last_error or "")
+    assert buffer.dropped == SECOND, "what memory could not hold is counted, nothing crashes"
+    assert buffer.read(0, 10**6).samples == 2 * SECOND
+    assert spool.retry(), "the directory itself is writable"
+    assert health.condition == "ok"
+    buffer.persist()  # what memory holds goes to disk
+    buffer.append(pcm(0.1))
+    assert spool.start == SECOND
+    assert spool.end == buffer.head

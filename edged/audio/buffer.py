@@ -1,16 +1,18 @@
 """The audio buffer: captured audio indexed by stream time.
 
-Stream time is counted in samples since the daemon started capturing (after
-any audio recovered from the spool of an earlier run, which comes first).
-The buffer keeps audio from the acknowledged point (the end of the last final
-transcript) to the newest capture, so that a new STT session can re-send what
-a lost one never got transcribed. It has two tiers:
+Stream time is counted in samples of the outbox's stream, which goes on
+across restarts: a run starts at the durable transcription point, or after
+the audio recovered from the spool, whichever is later. The buffer keeps
+audio from the acknowledged point (the end of the last final transcript) to
+the newest capture, so that a new STT session can re-send what a lost one
+never got transcribed. It has two tiers:
 
 - a memory ring of at most `max_samples`, the fast path;
-- the disk spool, written only while no session is up (so a crash or restart
-  in an outage loses nothing), and while one is up only with audio that would
-  otherwise leave memory unsent (a backlog longer than memory). An SD card is
-  not written during normal streaming.
+- the disk spool, written while no session is up and until a new one has
+  caught up with the backlog (so a crash, a SIGKILL or a restart in an
+  outage or its replay loses nothing), and otherwise only with audio that
+  would leave memory unsent. An SD card is not written during normal
+  streaming.
 
 Its marks:
 
@@ -31,9 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edged.audio.spool import Spool
-from edged.config import SAMPLE_WIDTH
+from edged.config import SAMPLE_RATE, SAMPLE_WIDTH
 
 _COMPACT_AT = 256  # released chunks to accumulate before compacting the lists
+# A session that has this little left to send has caught up with a backlog:
+# from then on the tail lives in memory only, as in normal streaming.
+CAUGHT_UP_SAMPLES = SAMPLE_RATE // 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class AudioBuffer:
         on_append: Callable[[], None] | None = None,
         spool: Spool | None = None,
         head: int = 0,
+        acknowledged: int = 0,
+        release_limit: Callable[[], int] | None = None,
     ):
         if max_samples <= 0:
             raise ValueError("max_samples must be positive")
@@ -70,11 +77,16 @@ class AudioBuffer:
         self._walls: list[float] = []
         self._first = 0  # index of the oldest live chunk in the lists
         self._held = 0  # samples held in memory
-        self._acknowledged = 0  # nothing before this is ever read again
-        self._offline = False  # a session failed and no new one is up yet
+        self._acknowledged = acknowledged  # nothing before this is ever read again
+        # The spool deletes audio only behind the point the outbox has on disk.
+        self.release_limit = release_limit
+        # Spooling: from a lost session until a new one catches up. A run
+        # that starts with recovered audio is replaying a backlog.
+        self._offline = spool is not None and spool.start is not None
+        self._session_up = False
         self._dropped = 0
-        self.head = head  # non-zero when recovered audio comes first
-        self.sent = 0
+        self.head = max(head, acknowledged)
+        self.sent = acknowledged
 
     @property
     def dropped(self) -> int:
@@ -146,6 +158,11 @@ class AudioBuffer:
         return min(max(oldest, self._acknowledged), self.head)
 
     @property
+    def spooling(self) -> bool:
+        """Whether new audio goes to disk too (an outage, or its replay)."""
+        return self._offline
+
+    @property
     def unsent_samples(self) -> int:
         return self.head - self.sent
 
@@ -177,6 +194,10 @@ class AudioBuffer:
     def mark_sent(self, end: int) -> None:
         """Audio before `end` has been handed to a live session."""
         self.sent = max(self.sent, min(end, self.head))
+        if self._offline and self._session_up and self.head - self.sent <= CAUGHT_UP_SAMPLES:
+            self._offline = False  # caught up: the tail is live audio again
+            if self.spool is not None:
+                self.spool.sync()
 
     def acknowledge(self, end: int) -> None:
         """Audio before `end` is transcribed: it need never be sent again."""
@@ -189,7 +210,8 @@ class AudioBuffer:
                 break
             self._pop_first()
         if self.spool is not None:
-            self.spool.release(self._acknowledged)
+            limit = self.release_limit() if self.release_limit else self._acknowledged
+            self.spool.release(min(self._acknowledged, limit))
 
     def skip_silence(self, end: int) -> None:
         """Voice-activity gating settled that audio before `end` is silence, never
@@ -198,14 +220,15 @@ class AudioBuffer:
         self._offline = False
 
     def session_opened(self) -> None:
-        """Audio stops going to disk; the backlog there is read from it and
-        deleted as it is acknowledged."""
-        self._offline = False
+        """The backlog on disk is read from it and deleted as it is transcribed;
+        new audio goes on to disk until the session has caught up."""
+        self._session_up = True
         if self.spool is not None:
-            self.spool.flush()
+            self.spool.sync()
 
     def session_lost(self, acknowledged: int) -> None:
         """A session died: what it was sent after `acknowledged` must be sent again."""
+        self._session_up = False
         self.sent = max(min(self.sent, acknowledged), self.oldest)
         self.go_offline()
 
@@ -225,4 +248,4 @@ class AudioBuffer:
             start, chunk = self._starts[index], self._chunks[index]
             if start + len(chunk) // SAMPLE_WIDTH > self._acknowledged:
                 self.spool.append(start, chunk, self._walls[index])
-        self.spool.flush()
+        self.spool.sync()

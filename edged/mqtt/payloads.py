@@ -43,9 +43,12 @@ def _seconds(samples: int) -> float:
 
 
 def transcript_payload(
-    final: Final, *, seq: int, device: str, provider: str, time: str | None
+    final: Final, *, stream_id: str, seq: int, device: str, provider: str, time: str | None
 ) -> bytes:
+    # (stream_id, seq) names this transcript forever: a re-delivery carries
+    # the same pair, a new outbox a new stream_id.
     body: dict[str, Any] = {
+        "stream_id": stream_id,
         "seq": seq,
         "device": device,
         "provider": final.provider or provider,

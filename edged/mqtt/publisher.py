@@ -2,9 +2,12 @@
 
 paho-mqtt runs its network loop in its own thread and reconnects by itself;
 its callbacks are marshalled onto the asyncio loop, which alone touches the
-outbox. Each outbox item is handed to paho once per process: paho keeps QoS 1
-messages until PUBACK and re-sends them after a reconnect, and the outbox row
-is deleted only on PUBACK. What is left at exit is published on the next start.
+outbox. The outbox is the only store of transcripts: paho is handed a window
+of at most `WINDOW` of them at a time (the next ones as PUBACKs come in), and
+its own queue is capped, so a broker that never acknowledges costs disk, not
+memory. paho keeps a QoS 1 message until PUBACK and re-sends it after a
+reconnect; the outbox row is deleted only on PUBACK. What is left at exit is
+published on the next start.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ from edged.config import Settings
 from edged.errors import ConfigError
 from edged.mqtt import discovery
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
-from edged.outbox import Outbox, OutboxItem
+from edged.outbox import Key, Outbox, OutboxItem
 
 log = logging.getLogger("edged.mqtt")
+
+WINDOW = 20  # transcripts in paho's hands at once (its default in-flight limit)
+# paho's queue, everything included (state, availability, discovery): past
+# this, publish() refuses instead of growing without bound.
+PAHO_QUEUE = 100
 
 
 class MqttPublisher:
@@ -42,11 +50,11 @@ class MqttPublisher:
         self.connect_failures = 0
         self.last_error: str | None = None
         self._loop = loop
-        self._in_flight: dict[int, int] = {}  # paho mid -> outbox seq
-        self._handed_over: set[int] = set()  # seqs paho holds
+        self._in_flight: dict[int, Key] = {}  # paho mid -> outbox item
+        self._handed_over: set[Key] = set()  # items paho holds
         self._drained = asyncio.Event()
         self.connects = 0  # successful connections: each wants the state again
-        self._received_at: dict[int, float] = {}  # seq -> when the final came in
+        self._received_at: dict[Key, float] = {}  # when a handed-over final came in
         self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
         self._client = self._make_client()
 
@@ -69,8 +77,8 @@ class MqttPublisher:
         if mqtt.uses_tls:
             self._set_tls(client)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        # The outbox bounds what waits; paho must not drop what we hand it.
-        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(WINDOW)
+        client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -109,8 +117,7 @@ class MqttPublisher:
         self._client.connect_async(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s,
                                    properties=properties)
         self._client.loop_start()
-        for item in self.outbox.pending():  # left over from an earlier run
-            self.submit(item)
+        self.fill()  # left over from an earlier run
 
     async def stop(self, within_s: float) -> None:
         """Publish what the outbox holds (bounded), then `offline`, then disconnect."""
@@ -139,21 +146,38 @@ class MqttPublisher:
     # -- publishing ---------------------------------------------------------
 
     def submit(self, item: OutboxItem, received_at: float | None = None) -> None:
-        """Hand a committed outbox item to paho (queued by it while disconnected)."""
-        if item.seq in self._handed_over:
-            return
-        if received_at is not None:
-            self._received_at[item.seq] = received_at
-        info = self._client.publish(self.topics.transcript, item.payload,
-                                    qos=self.settings.mqtt.qos)
+        """A new final is committed to the outbox: publish it if the window has room."""
+        self.fill()
+        if received_at is not None and item.key in self._handed_over:
+            self._received_at[item.key] = received_at
+
+    def fill(self) -> None:
+        """Hand the oldest waiting outbox items to paho, up to the window."""
+        while len(self._handed_over) < WINDOW:
+            batch = [item for item in self.outbox.pending(WINDOW + len(self._handed_over))
+                     if item.key not in self._handed_over]
+            if not batch:
+                return
+            for item in batch:
+                if len(self._handed_over) >= WINDOW or not self._hand_over(item):
+                    return
+
+    def _hand_over(self, item: OutboxItem) -> bool:
+        qos = self.settings.mqtt.qos
+        if qos == 0 and not self.connected:
+            return False  # paho drops QoS 0 while disconnected: keep it in the outbox
+        info = self._client.publish(self.topics.transcript, item.payload, qos=qos)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            return False  # paho is full: the outbox keeps it until there is room
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("mqtt.publish_refused seq=%d rc=%s", item.seq, info.rc)
-            return
-        self._handed_over.add(item.seq)
-        if self.settings.mqtt.qos == 0:
-            self._acknowledged(item.seq)  # no PUBACK will come
+            return False
+        if qos == 0:
+            self._delivered(item.key)  # no PUBACK will come
         else:
-            self._in_flight[info.mid] = item.seq
+            self._handed_over.add(item.key)
+            self._in_flight[info.mid] = item.key
+        return True
 
     def publish_now(self, topic: str, payload: bytes, qos: int) -> None:
         """Fire and forget (partials, Hermes copies): not kept in the outbox."""
@@ -176,17 +200,21 @@ class MqttPublisher:
         """Retained state, if the broker is there; whether it went out."""
         if not self.connected:
             return False
-        self._client.publish(self.topics.state, payload, qos=1, retain=True)
-        return True
+        info = self._client.publish(self.topics.state, payload, qos=1, retain=True)
+        return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
 
-    def _acknowledged(self, seq: int) -> None:
-        received_at = self._received_at.pop(seq, None)
+    def _delivered(self, key: Key) -> None:
+        received_at = self._received_at.pop(key, None)
         if received_at is not None and self.on_delivered is not None:
             self.on_delivered(time.monotonic() - received_at)
-        self._handed_over.discard(seq)
-        self.outbox.remove(seq)
+        self._handed_over.discard(key)
+        self.outbox.remove(key)
         if self.outbox.depth == 0:
             self._drained.set()
+
+    def _acknowledged(self, key: Key) -> None:
+        self._delivered(key)
+        self.fill()
 
     # -- paho callbacks (paho's thread) -------------------------------------
 
@@ -229,6 +257,7 @@ class MqttPublisher:
         log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
                  str(self.settings.mqtt.uses_tls).lower())
         self._announce()
+        self.fill()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:
@@ -245,6 +274,6 @@ class MqttPublisher:
                         self.connect_failures, reason)
 
     def _published(self, mid: int) -> None:
-        seq = self._in_flight.pop(mid, None)
-        if seq is not None:
-            self._acknowledged(seq)
+        key = self._in_flight.pop(mid, None)
+        if key is not None:
+            self._acknowledged(key)

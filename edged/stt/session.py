@@ -71,7 +71,7 @@ class SttSession:
         self,
         settings: Settings,
         buffer: AudioBuffer,
-        on_final: Callable[[Final], None],
+        on_final: Callable[[Final | None, int], None],
         on_change: Callable[[], None] = lambda: None,
         on_partial: Callable[[str, int, int], None] | None = None,
         gate: SpeechGate | None = None,
@@ -262,6 +262,7 @@ class SttSession:
                         # every final for what it got, so all of it is done.
                         self.finals.acknowledged = max(self.finals.acknowledged,
                                                        timeline.stream_position)
+                        self._on_final(None, self.finals.acknowledged)
                         self.buffer.acknowledge(self.finals.acknowledged)
                     return
                 await self._audio.wait()
@@ -350,12 +351,14 @@ class SttSession:
             log.warning("stt.final_before_audio ignored=true")
             return
         final = self.finals.accept(place_final(message, timeline))
+        # Committed (the final with the point it moves to) before any of its
+        # audio is released: a crash in between re-sends, never loses.
+        self._on_final(final, self.finals.acknowledged)
         self.buffer.acknowledge(self.finals.acknowledged)
         if self.gate is not None:
             self.gate.forget_before(self.finals.acknowledged)
         if final is not None:
             self.stats.finals += 1
-            self._on_final(final)
 
     def _other(self, frame: OtherMessage) -> None:
         if frame.type == "error":

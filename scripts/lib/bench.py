@@ -4,13 +4,14 @@ Real mosquitto, real ALSA capture through the file plugin fed by a FIFO at a
 fixed multiple of real time, and the test STT server (tone language, true
 times). Prints one table; docs/performance.md keeps the latest.
 
-    python scripts/lib/bench.py [--quick]
+    python scripts/lib/bench.py [--quick] [--only never-ack]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support.broker import Mosquitto, Subscriber  # noqa: E402
 from tests.support.daemon import write_config  # noqa: E402
 from tests.support.mic import FifoMic  # noqa: E402
+from tests.support.mqtt_proxy import MqttProxy  # noqa: E402
 from tests.support.notify import NotifySocket  # noqa: E402
 from tests.support.stt_double import SttDouble  # noqa: E402
 from tests.support.tonespeech import VOCABULARY, script  # noqa: E402
@@ -108,6 +110,35 @@ class Run:
         return self.cpu_s / (self.audio_s / 3600)
 
 
+@dataclass
+class NeverAcknowledged:
+    warm_finals: int
+    rss_warm_mb: float
+    finals: int
+    rss_end_mb: float
+    finals_per_s: float  # between the two measurements
+    reached_broker: int  # transcripts the broker got (and never acknowledged)
+    pubacks_dropped: int
+
+
+class LogCounter:
+    """Counts lines containing `needle` in a growing log file, reading only what is new."""
+
+    def __init__(self, path: Path, needle: bytes):
+        self.path, self.needle = path, needle
+        self.count = 0
+        self._offset = 0
+
+    def update(self) -> int:
+        with self.path.open("rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line being written waits for its end
+        self._offset += len(complete)
+        self.count += complete.count(self.needle)
+        return self.count
+
+
 class Bench:
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -126,6 +157,7 @@ class Bench:
         return home
 
     def edged(self, home: Path, extra_env: dict[str, str] | None = None,
+              state_dir: Path | None = None,
               **sections: dict[str, object]) -> subprocess.Popen[bytes]:
         config: dict[str, dict[str, object]] = {
             "device": {"id": "bench"},
@@ -135,7 +167,8 @@ class Bench:
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
-        path = write_config(home / "edged.toml", config, top={"state_dir": str(home / "state")})
+        path = write_config(home / "edged.toml", config,
+                            top={"state_dir": str(state_dir or home / "state")})
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
         env.update({"HOME": str(home), "EDGED_STT__API_KEY": API_KEY, **(extra_env or {})})
         return subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(path)],
@@ -260,6 +293,53 @@ class Bench:
         finally:
             stop(process, mic)
 
+    def never_acknowledged(self, finals: int = 10_000, warm_up: int = 500,
+                           finals_per_frame: int = 5, speed: float = 4.0) -> NeverAcknowledged:
+        """A broker that takes every QoS 1 message and never acknowledges one (a
+        proxy drops its PUBACKs), while the STT double answers each audio frame
+        (250 ms, `speed` x real time, silence) with `finals_per_frame` finals:
+        edged's resident memory after `warm_up` finals and after `finals`."""
+        home = self.home()
+        # The outbox on a tmpfs when there is one: SQLite's syncs are not what this measures.
+        shm = Path("/dev/shm")  # noqa: S108 (mkdtemp below: a private new directory)
+        state = (Path(tempfile.mkdtemp(prefix="edged-bench-state-", dir=shm)) if shm.is_dir()
+                 else home / "state")
+        proxy = MqttProxy(self.broker.port, drop_pubacks=True).start()
+        subscriber = Subscriber(self.broker.port, "edged/bench/transcript")
+        mic = FifoMic(home, speed=speed)  # nothing played: silence, so no tone-language finals
+        self.stt.faults.finals_per_frame = finals_per_frame
+        process = self.edged(home, state_dir=state, mqtt={"port": proxy.port})
+        counter = LogCounter(home / "log", b" transcript seq=")
+
+        def wait_for(count: int) -> tuple[float, int, float]:
+            deadline = time.monotonic() + 300
+            while counter.update() < count:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = (home / "log").read_text(errors="replace").splitlines()[-20:]
+                    raise RuntimeError(f"{counter.count} of {count} finals, edged "
+                                       f"{'died' if process.poll() is not None else 'lives'}; "
+                                       "its log ends:\n" + "\n".join(tail))
+                time.sleep(0.05)
+            return time.monotonic(), counter.count, rss_mb(process.pid)
+
+        try:
+            warm_at, warm_finals, rss_warm = wait_for(warm_up)
+            end_at, end_finals, rss_end = wait_for(finals)
+            reached = 0
+            while not subscriber.messages.empty():
+                subscriber.messages.get()
+                reached += 1
+            return NeverAcknowledged(warm_finals, rss_warm, end_finals, rss_end,
+                                     (end_finals - warm_finals) / (end_at - warm_at), reached,
+                                     proxy.pubacks_dropped)
+        finally:
+            self.stt.faults.finals_per_frame = 0
+            stop(process, mic)
+            subscriber.close()
+            proxy.stop()
+            if state != home / "state":
+                shutil.rmtree(state, ignore_errors=True)
+
     def startup(self) -> float:
         home = self.home()
         mic = FifoMic(home, speed=1.0)
@@ -275,10 +355,45 @@ class Bench:
             mic.stop()
 
 
+Row = tuple[str, str, str, str]
+
+
+def never_acknowledged_rows(run: NeverAcknowledged) -> list[Row]:
+    return [
+        (f"never-acknowledging broker: RSS after {run.warm_finals} / {run.finals} finals, MB",
+         f"{run.rss_warm_mb:.1f} / {run.rss_end_mb:.1f}", "", ""),
+        ("never-acknowledging broker: RSS growth, MB",
+         f"{run.rss_end_mb - run.rss_warm_mb:+.1f}", "", ""),
+        ("never-acknowledging broker: finals a second",
+         f"{run.finals_per_s:.0f}", "", ""),
+        ("never-acknowledging broker: transcripts the broker got / PUBACKs dropped",
+         f"{run.reached_broker} / {run.pubacks_dropped}", "", ""),
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'figure'.ljust(width)} | edged | naive client | ratio |")
+    print(f"|{'-' * (width + 2)}|-------|--------------|-------|")
+    for name, ours, theirs, ratio in rows:
+        print(f"| {name.ljust(width)} | {ours} | {theirs} | {ratio} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="shorter runs, rougher figures")
+    parser.add_argument("--only", choices=["never-ack"],
+                        help="run one scenario: never-ack, a broker that never sends PUBACK")
     args = parser.parse_args()
+    if args.only == "never-ack":
+        with tempfile.TemporaryDirectory(prefix="edged-bench-") as directory:
+            bench = Bench(Path(directory))
+            try:
+                print("never-acknowledging broker: 10,000 finals", flush=True)
+                print_table(never_acknowledged_rows(bench.never_acknowledged()))
+            finally:
+                bench.close()
+        return 0
     ab_audio_s = 300.0 if args.quick else 1200.0
     long_audio_s = 1800.0 if args.quick else 7200.0
     outage_s = 20.0 if args.quick else 60.0
@@ -316,6 +431,8 @@ def main() -> int:
             latencies = bench.latency(40.0 if args.quick else 120.0)
             drained, live, spoken, rss_outage = bench.catch_up(outage_s)
             startups = [bench.startup() for _ in range(3)]
+            print("never-acknowledging broker: 10,000 finals", flush=True)
+            never_acked = bench.never_acknowledged()
         finally:
             bench.close()
 
@@ -324,7 +441,7 @@ def main() -> int:
     quantiles = statistics.quantiles(latencies, n=100)
     edged_cpu_rt, edged_wakes = (statistics.mean(r[i] for r in edged_rt) for i in (0, 1))
     naive_cpu_rt, naive_wakes = (statistics.mean(r[i] for r in naive_rt) for i in (0, 1))
-    rows = [
+    rows: list[Row] = [
         ("CPU s per hour of audio", f"{edged_cpu:.1f}", f"{naive_cpu:.1f}",
          f"{edged_cpu / naive_cpu:.2f}"),
         ("  runs (A/B/A/B)", " ".join(f"{r.cpu_per_audio_hour:.1f}" for r in edged_runs),
@@ -356,12 +473,9 @@ def main() -> int:
          f"{gated.cpu_per_audio_hour:.1f} / {continuous.cpu_per_audio_hour:.1f}", "", ""),
         ("10% speech: minutes billed per 30 days, VAD on / off",
          f"{43200 * gated.sent_share:.0f} / {43200 * continuous.sent_share:.0f}", "", ""),
+        *never_acknowledged_rows(never_acked),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n| {'figure'.ljust(width)} | edged | naive client | ratio |")
-    print(f"|{'-' * (width + 2)}|-------|--------------|-------|")
-    for name, ours, theirs, ratio in rows:
-        print(f"| {name.ljust(width)} | {ours} | {theirs} | {ratio} |")
+    print_table(rows)
     return 0
 
 

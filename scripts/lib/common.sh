@@ -3,7 +3,7 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV="$ROOT/.venv"
-APT_PACKAGES=(mosquitto mosquitto-clients espeak-ng sox libasound2-dev alsa-utils gcc openssl tmux)
+APT_PACKAGES=(mosquitto mosquitto-clients espeak-ng sox libasound2-dev alsa-utils gcc openssl tmux fuse3)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -34,8 +34,9 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]],
 
 class Daemon:
     def __init__(self, home: Path, config: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None):
+                 args: list[str] | None = None, wrap: list[str] | None = None):
         self.home = home
+        self.wrap = wrap or []  # a command the daemon runs under (setpriv, ...)
         self.config = config
         self.env = env or {}
         self.args = args or []
@@ -48,7 +49,8 @@ class Daemon:
         env.pop("JOURNAL_STREAM", None)
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edged", "run", "--config", str(self.config), *self.args],
+            [*self.wrap, sys.executable, "-m", "edged", "run", "--config", str(self.config),
+             *self.args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         return self

@@ -57,6 +57,10 @@ class Faults:
     idle_timeout_s: float | None = None
     # Send a malformed frame after each final.
     malformed_after_final: bool = False
+    # Answer every audio frame with this many extra finals of one synthetic
+    # word, in equal consecutive slices of the frame's time (meant for silence:
+    # they would overlap the tone language's own finals).
+    finals_per_frame: int = 0
 
 
 class SttDouble:
@@ -156,6 +160,12 @@ class SttDouble:
                 record.frame_sizes.append(len(message))
                 for utterance in recognizer.feed(message):
                     await self._send_final(connection, record, provider, utterance)
+                slices = self.faults.finals_per_frame
+                for index in range(slices):
+                    start = (record.bytes_received - len(message)) / 32000
+                    size = len(message) / 32000 / slices
+                    word = HeardWord("lorem", start + index * size, start + (index + 1) * size)
+                    await self._send_final(connection, record, provider, [word])
                 if recognizer.partial:
                     await connection.send(_transcript(provider, recognizer.partial, partial=True))
                 if drop_at is not None and record.bytes_received >= drop_at:
