@@ -42,7 +42,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edged.storage import CORRUPT, StorageHealth, condition_of, fsync_directory, quarantine
+from edged.storage import (
+    CORRUPT,
+    StorageHealth,
+    condition_of,
+    fsync_directory,
+    make_directory,
+    quarantine,
+)
 
 log = logging.getLogger("edged.outbox")
 
@@ -129,7 +136,7 @@ class Outbox:
             return self._read_only_view()
 
     def _open(self) -> StreamInfo:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(self.path.parent)
         # A directory (or anything else) where the file should be: put it aside.
         if (self.path.exists() and not self.path.is_file()
                 and quarantine(self.path, "not_a_file") is None):

@@ -172,6 +172,19 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def make_directory(path: Path) -> None:
+    """mkdir -p whose new directories survive a power cut: each new one's
+    entry in its parent is synced."""
+    if path.is_dir():
+        return
+    make_directory(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_directory(path.parent)
+
+
 def quarantine(path: Path, why: str) -> Path | None:
     """Rename a damaged file (or whatever is in its place) aside, never delete it.
 

@@ -39,7 +39,7 @@ from edged.mqtt.payloads import (
 from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
 from edged.sdnotify import Notifier
-from edged.storage import StorageHealth, describe
+from edged.storage import StorageHealth, describe, make_directory
 from edged.streamclock import StreamClock
 from edged.stt.protocol import Final, samples_to_seconds
 from edged.stt.session import SttSession
@@ -68,7 +68,7 @@ class Daemon:
         # the outbox and the spool fall back to memory and retry, audio flows.
         self.storage = StorageHealth(settings.state_retry_s)
         try:
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            make_directory(settings.state_dir)
         except OSError as error:
             log.error("storage.state_dir_unusable path=%s error=%s", settings.state_dir,
                       describe(error))

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH
-from edged.storage import StorageHealth, describe, fsync_directory, quarantine
+from edged.storage import StorageHealth, describe, fsync_directory, make_directory, quarantine
 
 log = logging.getLogger("edged.spool")
 
@@ -129,7 +129,7 @@ class Spool:
         if not self.enabled:
             return transcribed
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory)
             paths = sorted(self.directory.glob("*.spool"), key=_number_of)
         except OSError as error:
             self._fail(error, "recover")
@@ -313,7 +313,7 @@ class Spool:
 
     def _open_segment(self) -> _Writer:
         self._close_writer()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directory(self.directory)
         path = self.directory / f"{self._next_number:08d}.spool"
         self._next_number += 1
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -380,7 +380,7 @@ class Spool:
         if not self._failing:
             return True
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory)
             probe = self.directory / ".probe"
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:

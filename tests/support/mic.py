@@ -65,6 +65,11 @@ class FifoMic:
             time.sleep(0.05)
 
     @property
+    def idle(self) -> bool:
+        """Everything queued has been written."""
+        return not self._pending and self._queue.empty()
+
+    @property
     def stream_seconds(self) -> float:
         return self.written / 2 / RATE
 
