@@ -473,17 +473,27 @@ class Daemon:
                 await self._shutdown(stt)
                 for task in background:
                     task.cancel()
+        except BaseException:
+            # A bug took a task down: what memory holds still goes to disk,
+            # for the restart systemd is about to make.
+            self._keep_for_next_start()
+            raise
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.loop.remove_signal_handler(signum)
             await self.monitor.stop()
         await self.publisher.stop(self.settings.mqtt.drain_timeout_s)
-        self.outbox.close()
-        self.buffer.persist()  # what was not transcribed is replayed on the next start
-        self.spool.close()
+        self._keep_for_next_start()
         self._stop_metrics()
         self.notifier.close()
         return self._exit_status()
+
+    def _keep_for_next_start(self) -> None:
+        """The transcription point, and the audio not yet transcribed, to disk:
+        the next start replays from there."""
+        self.outbox.close()
+        self.buffer.persist()
+        self.spool.close()
 
     async def _shutdown(self, stt: asyncio.Task[None]) -> None:
         self._stopping = True

@@ -13,6 +13,7 @@ from tests.support.broker import Message, Subscriber
 from tests.support.mic import FifoMic
 from tests.support.tonespeech import script
 
+ENTITIES = 9
 EDGED_TOPICS = {
     "edged/testpi/transcript", "edged/testpi/state", "edged/testpi/availability",
 }
@@ -36,7 +37,7 @@ def test_discovery_configs_point_at_edged_topics_and_follow_the_birth_message(
     daemon.wait_for_log("mqtt.discovery_announced")
     ha = Subscriber(stack.broker.port, "homeassistant/#")  # a late joiner: retained configs
     try:
-        configs = collect(ha, 8, "homeassistant/")
+        configs = collect(ha, ENTITIES, "homeassistant/")
         by_object = {topic.split("/")[-2]: json.loads(m.payload) for topic, m in configs.items()}
         assert all(m.retain for m in configs.values())
         for name, config in by_object.items():
@@ -54,10 +55,11 @@ def test_discovery_configs_point_at_edged_topics_and_follow_the_birth_message(
             config = by_object[connectivity]
             assert config["device_class"] == "connectivity"
             assert config["state_topic"] == "edged/testpi/state"
+        assert by_object["storage"]["device_class"] == "problem"
 
         publish.single("homeassistant/status", "online", hostname="127.0.0.1",
                        port=stack.broker.port)
-        again = collect(ha, 8, "homeassistant/")  # re-announced, live this time
+        again = collect(ha, ENTITIES, "homeassistant/")  # re-announced, live this time
         assert not any(m.retain for m in again.values())
     finally:
         ha.close()
@@ -65,10 +67,10 @@ def test_discovery_configs_point_at_edged_topics_and_follow_the_birth_message(
     stack.config(mqtt={"discovery": False})
     removed = Subscriber(stack.broker.port, "homeassistant/#")
     try:
-        collect(removed, 8, "homeassistant/")  # the retained configs, still there
+        collect(removed, ENTITIES, "homeassistant/")  # the retained configs, still there
         daemon.signal(signal.SIGHUP)
         daemon.wait_for_log("config.reloaded")
-        emptied = collect(removed, 8, "homeassistant/")
+        emptied = collect(removed, ENTITIES, "homeassistant/")
         assert all(m.payload == b"" and m.retain is False for m in emptied.values())
     finally:
         removed.close()

@@ -51,8 +51,8 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
             "event_types": ["transcript"],
             "value_template": (
                 "{{ {'event_type': 'transcript', 'text': value_json.text, "
-                "'seq': value_json.seq, 'start': value_json.start, "
-                "'end': value_json.end} | to_json }}"
+                "'stream_id': value_json.stream_id, 'seq': value_json.seq, "
+                "'start': value_json.start, 'end': value_json.end} | to_json }}"
             ),
         }),
         _diagnostic("binary_sensor", "stt", "Speech-to-text connection", state, {
@@ -78,6 +78,17 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
         _diagnostic("sensor", "outbox", "Transcripts queued", state, {
             "state_class": "measurement", "icon": "mdi:tray-full",
             "value_template": "{{ value_json.outbox_depth }}",
+        }),
+        # The state directory: a problem (full, read-only, unwritable,
+        # corrupt) means transcripts and audio are held in memory only.
+        _diagnostic("binary_sensor", "storage", "Storage", state, {
+            "device_class": "problem",
+            "value_template": "{{ 'OFF' if value_json.storage == 'ok' else 'ON' }}",
+            "json_attributes_topic": state,
+            "json_attributes_template": (
+                "{{ {'condition': value_json.storage, 'error': value_json.storage_error}"
+                " | to_json }}"
+            ),
         }),
     ]
 
