@@ -17,14 +17,17 @@ import queue
 import random
 import signal
 import time
+from array import array
 from typing import Any
 
+from edged.audio.spool import Spool
+from edged.outbox import Outbox
 from tests.conftest import Stack
 from tests.support.broker import Subscriber
 from tests.support.daemon import Daemon
 from tests.support.mic import FifoMic
 from tests.support.stt_double import SttDouble
-from tests.support.tonespeech import VOCABULARY, SpokenWord, script, words_of
+from tests.support.tonespeech import VOCABULARY, SpokenWord, script, tone, words_of
 
 TOPIC = "edged/testpi/transcript"
 KILLS = 20
@@ -131,3 +134,32 @@ def test_random_kills_during_an_outage_and_its_replay_lose_and_repeat_no_word(
     assert last.wait(30) == 0
     for daemon in stack.daemons:
         assert "Traceback" not in daemon.log
+
+
+def test_sigkill_in_an_outage_keeps_every_sample_handed_over(
+    stack: Stack, stt: SttDouble, mic: FifoMic
+) -> None:
+    """2.5 s spoken offline, then SIGKILL: all of it is on disk (before, up to
+    a second waited in memory for the spool)."""
+    daemon = stack.daemon()
+    daemon.wait_for_log("stt.connected")
+    stt.faults.refuse_status, stt.faults.refuse_count = 503, 1_000_000
+    stt.abort_connections()
+    daemon.wait_for_log("stt.disconnected")
+    spoken = tone("golf", 2.5)
+    end = mic.play(spoken) + 2.5
+    while mic.stream_seconds < end + 0.6:  # the tone's last hand-off has reached edged
+        time.sleep(0.02)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait(10)
+
+    outbox = Outbox(stack.home / "state" / "outbox.sqlite3")
+    spool = Spool(stack.home / "state" / "spool", 1 << 30)
+    spool.recover(outbox.stream_id, outbox.transcribed)
+    on_disk = b"".join(spool.read(r.start, r.length)[1] for r in spool.records)
+    outbox.close()
+    assert loud_samples(on_disk) == loud_samples(spoken), "every sample of the tone is on disk"
+
+
+def loud_samples(pcm: bytes) -> int:
+    return sum(1 for value in array("h", pcm) if abs(value) > 500)
