@@ -70,6 +70,9 @@ class DeviceSettings(_Section):
 class AudioSettings(_Section):
     device: str = Field(default="default", min_length=1)
     chunk_ms: int = Field(default=100, ge=20, le=250)
+    # Exact digital silence (or one stuck value) this long: a dead or muted
+    # microphone, reported. A quiet room is never exactly silent. 0: off.
+    silent_after_s: float = Field(default=60.0, ge=0, le=86400)
 
     @property
     def chunk_frames(self) -> int:

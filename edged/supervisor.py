@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from edged import __version__
 from edged.audio.buffer import AudioBuffer
 from edged.audio.capture import Capture
+from edged.audio.health import OK as MIC_OK
+from edged.audio.health import SILENT, STALLED, MicrophoneHealth
 from edged.audio.spool import Spool
 from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
@@ -95,7 +97,9 @@ class Daemon:
         self.capture = self._make_capture(settings)
         self.metrics: Metrics | None = None  # prometheus-client is loaded only when asked for
         self.notifier = Notifier()
-        self._last_audio = 0.0  # monotonic time of the last period captured
+        self.mic_health = MicrophoneHealth(AUDIO_STALL_S, settings.audio.silent_after_s)
+        self._mic_was_open = False
+        self._mic_reported = MIC_OK  # the condition the state last said
         self._ready = False
         self._status_line = ""
         self._state_fingerprint = ""
@@ -141,7 +145,9 @@ class Daemon:
     # -- data path callbacks (all on the loop) --------------------------------
 
     def _captured(self, data: bytes) -> None:
-        self._last_audio = time.monotonic()
+        self.mic_health.delivered(data, time.monotonic())
+        if self._mic_reported != MIC_OK:  # back from a stall or from silence?
+            self._judge_microphone()
         now = time.time()  # a period is handed over when its last sample is in
         if self.gate is not None:  # judged before the sender is woken by the append
             self.gate.feed(self.buffer.head, data)
@@ -197,6 +203,9 @@ class Daemon:
     def _changed(self) -> None:
         self._state_changed.set()
         mic = self.capture.stats
+        if mic.open and not self._mic_was_open:  # (re)opened: judged afresh
+            self.mic_health.reset(time.monotonic())
+        self._mic_was_open = mic.open
         if not self._ready and (mic.open or mic.reopen_attempts):
             # Configured, and capture is open, or known to be absent and being
             # retried: start-up is over either way, STATUS says which.
@@ -224,6 +233,9 @@ class Daemon:
             "stt_state": stt.state,
             "mqtt_connected": self.publisher.connected,
             "microphone_open": mic.open,
+            # ok | stalled (open, nothing arriving) | silent (exact digital
+            # silence or a stuck value for audio.silent_after_s) | absent
+            "microphone": self._mic_condition(),
             "buffered_s": round(samples_to_seconds(backlog), 1),
             "dropped_s": round(samples_to_seconds(self.buffer.dropped), 1),
             "reconnects": stt.reconnects,
@@ -265,6 +277,8 @@ class Daemon:
             return "stopping"
         if not self.capture.stats.open:
             return "no_microphone"
+        if self._mic_condition() == STALLED:
+            return "microphone_stalled"
         if self.session.stats.state in ("auth_failed", "rejected"):
             return self.session.stats.state
         gated = self.gate is not None
@@ -287,6 +301,8 @@ class Daemon:
             text += f"; {state['outbox_depth']} transcripts queued"
         if not state["mqtt_connected"]:
             text += "; MQTT down"
+        if state["microphone"] == SILENT:
+            text += "; microphone silent (exact digital silence: dead or muted?)"
         if state["storage"] != "ok":
             text += f"; storage {state['storage']}: {state['storage_error']}"
         return text
@@ -318,7 +334,29 @@ class Daemon:
         mic = self.capture.stats
         if not mic.open:
             return mic.reopen_attempts > 0
-        return time.monotonic() - self._last_audio < AUDIO_STALL_S
+        return self._mic_condition() != STALLED
+
+    def _mic_condition(self) -> str:
+        return self.mic_health.condition(self.capture.stats.open, time.monotonic())
+
+    async def _watch_microphone(self) -> None:
+        """A stall or silence shows without any event: look when the condition
+        may change (every ~2 s while audio flows, no timer per hand-over)."""
+        while True:
+            await asyncio.sleep(max(self.mic_health.next_change(time.monotonic()), 0.25))
+            self._judge_microphone()
+
+    def _judge_microphone(self) -> None:
+        condition = self._mic_condition()
+        if condition == self._mic_reported:
+            return
+        if condition in (STALLED, SILENT):
+            log.warning("microphone.%s device=%s", condition, self.settings.audio.device)
+        elif self._mic_reported in (STALLED, SILENT):
+            log.info("microphone.recovered device=%s was=%s", self.settings.audio.device,
+                     self._mic_reported)
+        self._mic_reported = condition
+        self._state_changed.set()
 
     async def _feed_watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is wedged, no ping goes out.
@@ -465,7 +503,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tasks:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
                 background = [tasks.create_task(self._publish_state(), name="state-publisher"),
-                              tasks.create_task(self._retry_storage(), name="storage-retry")]
+                              tasks.create_task(self._retry_storage(), name="storage-retry"),
+                              tasks.create_task(self._watch_microphone(), name="microphone")]
                 if self.notifier.watchdog_interval_s:
                     background.append(tasks.create_task(
                         self._feed_watchdog(self.notifier.watchdog_interval_s), name="watchdog"))

@@ -115,3 +115,54 @@ def test_capture_faster_than_the_loop_is_bounded_and_sigterm_still_works(
     assert state["overruns"] > 0, "periods the loop cannot take are dropped and counted"
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
+
+
+def test_a_stalled_microphone_is_reported_within_seconds_and_recovers(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber, tmp_path
+) -> None:
+    from tests.support.notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        daemon = stack.daemon(env={"NOTIFY_SOCKET": str(notify.path)})
+        latest_state(subscriber, lambda s: s["status"] == "streaming")
+        mic.paused.set()  # nothing arrives any more, the device stays open
+        stalled_at = time.monotonic()
+        state = latest_state(subscriber, lambda s: s["microphone"] == "stalled", timeout=10)
+        assert time.monotonic() - stalled_at < 5, "within a few seconds"
+        assert state["status"] == "microphone_stalled"
+        assert state["microphone_open"], "open, and yet nothing comes"
+        notify.wait_for("STATUS", "microphone_stalled; 0.0 s buffered; 0 reconnects", timeout=5)
+
+        mic.paused.clear()
+        state = latest_state(subscriber, lambda s: s["microphone"] == "ok", timeout=10)
+        assert state["status"] == "streaming"
+        notify.wait_for("STATUS", "streaming; 0.0 s buffered; 0 reconnects", timeout=5)
+        assert "microphone.stalled" in daemon.log
+        assert "microphone.recovered" in daemon.log
+    finally:
+        notify.close()
+
+
+def test_exact_digital_silence_is_a_dead_microphone_not_a_quiet_room(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    import random
+    from array import array
+
+    from tests.support.tonespeech import silence
+
+    stack.daemon(audio={"device": "testmic", "chunk_ms": 100, "silent_after_s": 2.0})
+    # A quiet room: noise of a sample or two, never exactly zero, for longer.
+    rng = random.Random(7)
+    mic.play(array("h", (rng.choice((-2, -1, 1, 2)) for _ in range(16_000 * 4))).tobytes())
+    state = latest_state(subscriber, lambda s: s["status"] == "streaming")
+    mic.wait_idle()
+    assert state["microphone"] == "ok"
+    assert not [m for m in subscriber.seen if b'"microphone":"silent"' in m.payload]
+    # Then exact zeros (what the FIFO microphone plays when it has nothing).
+    mic.play(silence(0.1))
+    state = latest_state(subscriber, lambda s: s["microphone"] == "silent", timeout=10)
+    assert state["status"] == "streaming", "it still delivers: nothing else changes"
+    mic.play(array("h", [3, -3] * 8000).tobytes())  # a sound again
+    latest_state(subscriber, lambda s: s["microphone"] == "ok", timeout=10)

@@ -59,9 +59,14 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
             "device_class": "connectivity",
             "value_template": "{{ 'ON' if value_json.stt_connected else 'OFF' }}",
         }),
+        # Connected only while audio really arrives: a stalled or dead
+        # (digitally silent) microphone shows as disconnected, with the why.
         _diagnostic("binary_sensor", "microphone", "Microphone", state, {
             "device_class": "connectivity",
-            "value_template": "{{ 'ON' if value_json.microphone_open else 'OFF' }}",
+            "value_template": "{{ 'ON' if value_json.microphone_open and "
+                              "value_json.microphone == 'ok' else 'OFF' }}",
+            "json_attributes_topic": state,
+            "json_attributes_template": "{{ {'condition': value_json.microphone} | to_json }}",
         }),
         _diagnostic("sensor", "buffered", "Audio buffered", state, {
             "device_class": "duration", "unit_of_measurement": "s",
