@@ -56,6 +56,10 @@ class MqttPublisher:
         self.connects = 0  # successful connections: each wants the state again
         self._received_at: dict[Key, float] = {}  # when a handed-over final came in
         self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
+        self._stopping = False
+        # Refused by the broker (an MQTT 5 PUBACK with a failure reason): kept
+        # in the outbox, not offered again until the next connection.
+        self._refused: set[Key] = set()
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -121,12 +125,18 @@ class MqttPublisher:
 
     async def stop(self, within_s: float) -> None:
         """Publish what the outbox holds (bounded), then `offline`, then disconnect."""
+        self._stopping = True
         await self.drain(within_s)
         if self.connected:
             info = self._client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
             # Raises if the connection went meanwhile: the Last Will covers that.
             with contextlib.suppress(RuntimeError, ValueError):
                 await asyncio.to_thread(info.wait_for_publish, max(within_s, 1.0))
+            if not info.is_published():
+                # Stuck behind transcripts the broker never acknowledged (paho's
+                # in-flight window is full): QoS 0 goes out at once, and TCP
+                # delivers it before the DISCONNECT that would cancel the Will.
+                self._client.publish(self.topics.availability, OFFLINE, qos=0, retain=True)
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         if self.outbox.depth:
@@ -154,8 +164,9 @@ class MqttPublisher:
     def fill(self) -> None:
         """Hand the oldest waiting outbox items to paho, up to the window."""
         while len(self._handed_over) < WINDOW:
-            batch = [item for item in self.outbox.pending(WINDOW + len(self._handed_over))
-                     if item.key not in self._handed_over]
+            batch = [item for item in self.outbox.pending(
+                         WINDOW + len(self._handed_over) + len(self._refused))
+                     if item.key not in self._handed_over and item.key not in self._refused]
             if not batch:
                 return
             for item in batch:
@@ -245,7 +256,8 @@ class MqttPublisher:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason: ReasonCode, properties: Any) -> None:
-        self._loop.call_soon_threadsafe(self._published, mid)
+        refusal = str(reason) if reason.is_failure else None
+        self._loop.call_soon_threadsafe(self._published, mid, refusal)
 
     # -- the same events, on the loop -----------------------------------------
 
@@ -257,11 +269,15 @@ class MqttPublisher:
         log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
                  str(self.settings.mqtt.uses_tls).lower())
         self._announce()
+        self._refused.clear()  # a new connection: offer them again
         self.fill()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:
-            log.warning("mqtt.disconnected reason=%s", reason)
+            if self._stopping:
+                log.info("mqtt.disconnected reason=%s", reason)  # we asked for it
+            else:
+                log.warning("mqtt.disconnected reason=%s", reason)
         self.connected = False
 
     def _connect_failed(self, reason: str) -> None:
@@ -273,7 +289,15 @@ class MqttPublisher:
                         self.settings.mqtt.host, self.settings.mqtt.port,
                         self.connect_failures, reason)
 
-    def _published(self, mid: int) -> None:
+    def _published(self, mid: int, refusal: str | None = None) -> None:
         key = self._in_flight.pop(mid, None)
-        if key is not None:
-            self._acknowledged(key)
+        if key is None:
+            return
+        if refusal is not None:
+            # Not delivered: the outbox keeps it; tried again after a reconnect.
+            self._handed_over.discard(key)
+            self._refused.add(key)
+            log.warning("mqtt.publish_refused seq=%d reason=%s kept_in_outbox=true", key[1],
+                        refusal)
+            return
+        self._acknowledged(key)
