@@ -145,6 +145,9 @@ class Outbox:
         db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
+        # The default 2 MB page cache fills as a broker outage fills the
+        # outbox; 256 KB keeps memory flat and costs no measurable CPU.
+        db.execute("PRAGMA cache_size=-256")
         check = db.execute("PRAGMA quick_check").fetchone()
         if not check or check[0] != "ok":
             raise _Corrupt(f"quick_check: {check[0] if check else 'no answer'}")

@@ -467,6 +467,9 @@ class Daemon:
             self.spool.max_bytes = new.buffer.spool_max_mb * 1024 * 1024
             self.spool.keep_free_bytes = new.buffer.spool_keep_free_mb * 1024 * 1024
             self.spool.keep_free_ratio = new.buffer.spool_keep_free_percent / 100
+            self.spool.enabled = new.buffer.spool_max_mb > 0
+        self.storage.retry_s = new.state_retry_s
+        self.mic_health.silent_after_s = new.audio.silent_after_s
         if new.audio != old.audio or new.stt.frame_ms != old.stt.frame_ms:
             await asyncio.to_thread(self.capture.stop)
             self.capture = self._make_capture(new)

@@ -89,6 +89,7 @@ def test_damaged_records_are_skipped_and_the_rest_kept(
     held = sum(r.end - r.start for r in recovered.records)
     # Lost: the quarter second holding the flipped byte and the torn record.
     assert held == 70 * SECOND - 2 * SECOND // 4
+    assert recovered.dropped >= SECOND // 4, "what the damage took is counted"
     assert value_at(recovered, 17 * SECOND) == 18, "the audio after the damage is still there"
     assert value_at(recovered, 69 * SECOND) == 70
     # Once done with, damaged files are put aside, not deleted.

@@ -28,7 +28,8 @@ from edged.errors import CaptureError, CaptureFormatError
 
 log = logging.getLogger("edged.capture")
 
-# Batches handed to the event loop but not yet taken (12 s at 250 ms).
+# Batches handed to the event loop but not yet taken (15 s at the default
+# 300 ms hand-off: three 100 ms periods reaching a 250 ms frame).
 MAX_IN_FLIGHT = 50
 
 

@@ -8,7 +8,7 @@ otherwise take.
 
 Files live in `<state_dir>/spool/`, named `<number>.spool`. Each starts with
 a header (magic, the outbox's stream id) and holds one record per capture
-hand-over (a quarter of a second):
+hand-over (whole periods reaching `stt.frame_ms`: 300 ms by default):
 
     "EDGR" | start sample u64 | wall time f64 | length u32 | crc32 u32 | PCM
 
@@ -205,6 +205,7 @@ class Spool:
             skipped = (len(data) if resume == -1 else resume) - offset
             log.warning("spool.corrupt file=%s offset=%d reason=%s skipped_bytes=%d",
                         path.name, offset, problem, skipped)
+            self.dropped += skipped // SAMPLE_WIDTH  # about: headers count too
             if resume == -1:
                 break
             offset = resume

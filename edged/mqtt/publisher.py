@@ -163,14 +163,17 @@ class MqttPublisher:
 
     def fill(self) -> None:
         """Hand the oldest waiting outbox items to paho, up to the window."""
-        while len(self._handed_over) < WINDOW:
+        # Refused items hold their place in the window until the next
+        # connection: a broker that refuses everything costs no memory.
+        while len(self._handed_over) + len(self._refused) < WINDOW:
             batch = [item for item in self.outbox.pending(
                          WINDOW + len(self._handed_over) + len(self._refused))
                      if item.key not in self._handed_over and item.key not in self._refused]
             if not batch:
                 return
             for item in batch:
-                if len(self._handed_over) >= WINDOW or not self._hand_over(item):
+                if (len(self._handed_over) + len(self._refused) >= WINDOW
+                        or not self._hand_over(item)):
                     return
 
     def _hand_over(self, item: OutboxItem) -> bool:
