@@ -94,6 +94,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     import alsaaudio
 
+    from edged.audio.alsalog import route_alsa_messages
+
+    route_alsa_messages()
     cards = alsaaudio.cards()
     print("Sound cards:")
     if not cards:

@@ -23,6 +23,7 @@ from typing import Any
 import alsaaudio
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
+from edged.audio.alsalog import route_alsa_messages
 from edged.config import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, AudioSettings
 from edged.errors import CaptureError, CaptureFormatError
 
@@ -45,6 +46,7 @@ class CaptureStats:
 
 def open_pcm(settings: AudioSettings) -> Any:
     """Open the capture device and check what ALSA actually negotiated."""
+    route_alsa_messages()  # this thread's alsa-lib chatter goes to the log, not stderr
     try:
         pcm = alsaaudio.PCM(
             type=alsaaudio.PCM_CAPTURE,
