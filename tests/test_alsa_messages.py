@@ -9,7 +9,9 @@ from tests.support.broker import Mosquitto
 from tests.support.daemon import Daemon, write_config
 
 
-def test_alsa_lib_messages_go_through_the_log_not_raw_on_stderr(home: Path, broker: Mosquitto) -> None:
+def test_alsa_lib_messages_go_through_the_log_not_raw_on_stderr(
+    home: Path, broker: Mosquitto
+) -> None:
     """alsa-lib prints `ALSA lib ...` lines straight to stderr on every failed
     open; edged routes them to its debug log, formatted, repeated at most a
     few times."""
