@@ -693,10 +693,10 @@ def _printable_input(dotted: str, value: Any) -> str | None:
         return None
     if dotted == "stt.url" and isinstance(value, str):
         return repr(mask_url(value))
-    if dotted == "stt.params" and isinstance(value, Mapping):
-        return repr(mask_params(value))
-    if dotted in ("stt", "") and isinstance(value, Mapping):
-        return None  # a whole section or document: it may hold the key
+    if dotted == "stt.params":
+        return repr(mask_params(value)) if isinstance(value, Mapping) else None
+    if dotted == "stt":
+        return None  # the whole section: it may hold a key
     return repr(value)
 
 
