@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
 
 _PRIORITIES = {
     logging.DEBUG: 7,
@@ -134,3 +136,23 @@ def setup_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
     # Libraries log at their own names; keep their chatter out of info.
     for noisy in ("websockets", "asyncio"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    # A crash's traceback goes through the same handler as everything else:
+    # masked, and with a journal priority.
+    sys.excepthook = _log_crash
+    threading.excepthook = _log_thread_crash
+
+
+def _log_crash(kind: type[BaseException], error: BaseException,
+               trace: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    logging.getLogger("edged").critical("edged.crash", exc_info=(kind, error, trace))
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+        return
+    logging.getLogger("edged").critical(
+        "edged.thread_crash thread=%s", args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,21 @@ def test_library_lines_and_tracebacks_are_masked_with_keys_found_by_shape(
     assert "SECRET" not in err
     assert "api_key=********&token=********" in err
     assert "ValueError: wss://stt.example/v1/listen?api_key=********" in err, "traceback kept"
+
+
+def test_a_crash_traceback_goes_through_the_masking_handler(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    setup_logging("info", secrets=["sk-SECRET-crash"])
+    try:
+        raise RuntimeError("wss://stt.example/?token=sk-SECRET-crash")
+    except RuntimeError as error:
+        sys.excepthook(RuntimeError, error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert "CRITICAL edged edged.crash" in err
+    assert "RuntimeError: wss://stt.example/?token=********" in err
+    assert "SECRET" not in err
 
 
 def test_a_secret_containing_another_is_masked_whole() -> None:
