@@ -695,8 +695,10 @@ def _printable_input(dotted: str, value: Any) -> str | None:
         return repr(mask_url(value))
     if dotted == "stt.params":
         return repr(mask_params(value)) if isinstance(value, Mapping) else None
-    if dotted == "stt":
-        return None  # the whole section: it may hold a key
+    if isinstance(value, Mapping) or dotted == "stt":
+        # A whole section (a rule across its keys failed): it may hold a key
+        # or a password, and the message names what is wrong anyway.
+        return None
     return repr(value)
 
 

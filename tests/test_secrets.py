@@ -218,6 +218,18 @@ def test_a_refused_value_is_not_echoed_with_its_key(tmp_path: Path, content: str
     assert not leaks(result.stdout + result.stderr)
 
 
+def test_a_rule_across_keys_does_not_echo_the_section_with_its_password(
+    tmp_path: Path
+) -> None:
+    config = write(tmp_path / "edged.toml", (
+        f'[mqtt]\nusername = "pi"\npassword = "{KEY}"\ncert_file = "/etc/edged/pi.crt"\n'
+    ))
+    result = edged("check-config", "--config", str(config))
+    assert result.returncode == EX_CONFIG
+    assert "cert_file and key_file go together" in result.stderr
+    assert not leaks(result.stderr)
+
+
 def test_check_config_masks_credentials_by_name_and_keeps_the_rest(tmp_path: Path) -> None:
     config = write(tmp_path / "edged.toml", (
         f'[stt]\nurl = "wss://stt.example/v1/listen?model=nova&Access-Token={KEY}"\n'
