@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from edged import __version__
-from edged.config import LoadedConfig, Settings, effective_items, load_config
+from edged.config import (
+    LoadedConfig,
+    Settings,
+    effective_items,
+    load_config,
+    stt_credentials,
+)
 from edged.errors import EX_CONFIG, ConfigError
 from edged.logs import setup_logging
 
@@ -61,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_failed(error)
     settings = loaded.settings
     setup_logging(settings.log_level, secrets=settings.secrets)
-    if not settings.api_key:
+    if not settings.api_key and not stt_credentials(settings.stt):
         log.warning("stt.no_api_key hint=set stt.api_key_file or EDGED_STT__API_KEY")
     from edged.supervisor import run_daemon  # imports ALSA and paho only when running
 

@@ -9,8 +9,14 @@ Sources, highest first (the contract in design.md):
 5. defaults
 
 Every value remembers its source so that errors and ``edged check-config`` can
-name it. Files and variables are merged by pydantic-settings from one source
-object per layer; the models forbid unknown keys.
+name it. Each source is validated on its own first (a bad value in a file is
+an error even where a variable overrides it: the next device may lack the
+variable), then files and variables are merged by pydantic-settings from one
+source object per layer; the models forbid unknown keys.
+
+Secrets are known by name (``stt.api_key``, ``mqtt.password``) and by shape:
+credentials in the query of ``stt.url`` and in ``stt.params``, see
+`is_credential_name`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -37,9 +44,11 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edged.errors import ConfigError
+from edged.logs import MASK
 
 SYSTEM_CONFIG_DIR = Path("/etc/edged")
 ENV_PREFIX = "EDGED_"
@@ -101,6 +110,19 @@ class SttSettings(_Section):
     def _websocket_url(cls, url: str) -> str:
         if not re.match(r"^wss?://[^/?#]+", url):
             raise ValueError("must be a ws:// or wss:// URL")
+        # What the WebSocket client would refuse on every attempt (or crash
+        # on: a port that is not a number) is refused here, once.
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError when it is not a port number)
+        except ValueError as error:
+            raise ValueError(f"must be a ws:// or wss:// URL ({error})") from None
+        if not parts.hostname:
+            raise ValueError("must be a ws:// or wss:// URL with a host name")
+        if parts.fragment or url.endswith("#"):
+            raise ValueError("must be a ws:// or wss:// URL without a #fragment")
+        if parts.username is not None and parts.password is None:
+            raise ValueError("must not have a user name without a password")
         return url
 
     @field_validator("close_message")
@@ -222,8 +244,11 @@ class Settings(BaseSettings):
 
     @property
     def secrets(self) -> list[str]:
-        """Every secret value, for the log's last line of defence."""
-        return [secret for secret in (self.api_key, self.mqtt_password) if secret]
+        """Every secret value, for the log's last line of defence: the keys
+        named as secrets, and credentials found by shape in the STT URL and
+        parameters, each also as it appears percent-encoded in a URL."""
+        values = [self.api_key, self.mqtt_password, *stt_credentials(self.stt)]
+        return sorted({form for value in values if value for form in _url_forms(value)})
 
     @property
     def mqtt_password(self) -> str | None:
@@ -237,6 +262,89 @@ class Settings(BaseSettings):
 SECRET_KEYS = frozenset({"stt.api_key", "mqtt.password"})
 # Keys naming a file that holds a secret, and the secret key it fills in.
 SECRET_FILES = {"stt.api_key_file": "stt.api_key", "mqtt.password_file": "mqtt.password"}
+
+
+# ---------------------------------------------------------------------------
+# Secrets by shape. Services take credentials in the query too (router.audio
+# accepts `api_key`; others `token`, `access_token`, a signed URL's
+# `signature`), so a name that looks like a credential is treated as one,
+# wherever edged meets it: a query parameter of stt.url, a key of stt.params.
+# The rule, in one place: compared case-insensitively with '-' as '_', the
+# name is one of _CREDENTIAL_NAMES or ends with one of _CREDENTIAL_ENDINGS.
+# A false positive only masks a harmless value; a false negative leaks a key.
+
+_CREDENTIAL_NAMES = frozenset({"key", "auth", "authorization", "jwt", "sig", "signature"})
+_CREDENTIAL_ENDINGS = ("_key", "apikey", "token", "secret", "password", "passwd",
+                       "credential", "credentials")
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a query parameter or stt.params key of this name holds a credential."""
+    normal = name.strip().lower().replace("-", "_")
+    return normal in _CREDENTIAL_NAMES or normal.endswith(_CREDENTIAL_ENDINGS)
+
+
+def _credential_text(value: object) -> str | None:
+    # A boolean cannot be a credential, and masking "true" would garble the log.
+    if isinstance(value, bool) or value is None:
+        return None
+    return str(value)
+
+
+def url_credentials(url: str) -> list[str]:
+    """Credentials in a URL: query values under credential names, and the
+    password of a `user:password@` part (the user name is not secret)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL validation would let through; be safe anyway
+        return [url.partition("?")[2]] if "?" in url else []
+    found = [value for name, value in parse_qsl(parts.query, keep_blank_values=True)
+             if value and is_credential_name(name)]
+    # As written, too: a value percent-encoded in the file is sent that way.
+    found += [raw for piece in parts.query.split("&")
+              for name, sep, raw in [piece.partition("=")]
+              if sep and raw and is_credential_name(unquote_plus(name))]
+    return found + ([password, unquote_plus(password)] if password else [])
+
+
+def stt_credentials(stt: SttSettings) -> list[str]:
+    """Credentials in stt.url and stt.params, found by shape."""
+    params = [_credential_text(value) for name, value in stt.params.items()
+              if is_credential_name(name)]
+    return url_credentials(stt.url) + [value for value in params if value]
+
+
+def _url_forms(value: str) -> set[str]:
+    # A key in a URL goes out percent-encoded (urlencode uses quote_plus), and
+    # error messages quote the URL as sent.
+    return {value, quote_plus(value), quote(value, safe="")}
+
+
+def mask_url(url: str) -> str:
+    """`url` with credential query values and any password replaced by the mask;
+    the rest as written."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.partition("?")[0] + (f"?{MASK}" if "?" in url else "")
+    pieces = []
+    for piece in parts.query.split("&") if parts.query else []:
+        name, sep, _ = piece.partition("=")
+        pieces.append(f"{name}={MASK}" if sep and is_credential_name(unquote_plus(name))
+                      else piece)
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query="&".join(pieces)))
+
+
+def mask_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """stt.params with the values of credential-like names masked."""
+    return {name: MASK if is_credential_name(name) and value is not None else value
+            for name, value in params.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -330,14 +438,40 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
         parts = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
         if not all(parts):
             raise ConfigError("malformed variable name", key=name, source=ENV_SOURCE)
-        value: Any = raw
+        dotted = ".".join(parts)
         if raw.startswith("{"):  # a table such as EDGED_STT__PARAMS='{"language": "de"}'
             try:
-                value = json.loads(raw)
+                values[dotted] = json.loads(raw)
             except ValueError:
                 raise ConfigError("not valid JSON", key=name, source=ENV_SOURCE) from None
-        values[".".join(parts)] = value
+        else:
+            values[dotted] = _env_value(dotted, raw)
     return Layer(ENV_SOURCE, dict(_flatten(_unflatten(values))))
+
+
+def _env_value(dotted: str, raw: str) -> Any:
+    """A variable's value, read as the same value in a file would be.
+
+    Variables are strings; a file's values are typed. A key that takes a
+    string gets the string as given (a device id "007", a key "12345", a
+    language "de" stay strings, with no quoting needed); otherwise the value
+    is read as a TOML value, so EDGED_MQTT__QOS=1 is the integer 1 as
+    `qos = 1` is (pydantic does not coerce "1" into Literal[0, 1, 2]). When
+    it fits neither way, the error shows the reading of the type the key
+    wants: `(got 3)` for a QoS, `(got '-1')` for a device id.
+    """
+    if not _layer_errors({dotted: raw}):
+        return raw
+    try:
+        parsed = tomllib.loads(f"value = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    if list(parsed) != ["value"]:
+        return raw  # more than one value ("1\nx = 2")
+    errors = _layer_errors({dotted: parsed["value"]})
+    if any(error["type"].endswith("_type") for error in errors):
+        return raw  # a key of another type, such as a string with a pattern
+    return parsed["value"]
 
 
 def _unflatten(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -411,6 +545,8 @@ def load_config(
     files = _file_layers(paths)
     env = _env_layer(environ)
     flag_layer = Layer("command line", {k: v for k, v in (flags or {}).items() if v is not None})
+    for layer in [*files.base, env, flag_layer]:
+        _validate_layer(layer)
 
     device_id = _pick_device_id([*files.base, env, flag_layer])
     device_layers = _device_layers(files, device_id)
@@ -421,7 +557,7 @@ def load_config(
     try:
         settings = Settings()
     except ValidationError as error:
-        raise _config_error(error, layers) from None
+        raise _config_error(error.errors(), layers) from None
     finally:
         _LAYERS.reset(token)
     return LoadedConfig(settings, layers)
@@ -447,9 +583,52 @@ def _device_layers(files: FileLayers, device_id: str | None) -> list[Layer]:
                         key=f'devices."{table_id}".{key}',
                         source=source,
                     )
+            layer = Layer(f'{source} [devices."{table_id}"]', values)
+            # Every device's section, not only ours: the file serves them all.
+            _validate_layer(layer)
             if table_id == device_id:
-                layers.append(Layer(f'{source} [devices."{table_id}"]', values))
+                layers.append(layer)
     return layers
+
+
+def _validate_layer(layer: Layer) -> None:
+    """One source on its own: each key it sets must exist and each value must
+    fit its field, whatever a higher source does with that key. Rules across
+    fields (cert_file with key_file) are left to the merged configuration:
+    one layer may hold half of a pair."""
+    errors = _layer_errors(layer.values)
+    if errors:
+        raise _config_error(errors, [layer])
+
+
+def _layer_errors(values: Mapping[str, Any]) -> list[ErrorDetails]:
+    """The errors of a partial document: those at keys it sets, or unknown keys.
+
+    Validated through the real models (every field has a default, so keys a
+    layer does not set cannot fail); what fails at a section as a whole (a
+    cross-field rule) is not this layer's to answer for, unless the layer set
+    that section itself (`mqtt = 5`)."""
+    if not values:
+        return []
+    token = _LAYERS.set([Layer("", dict(values))])
+    try:
+        Settings()
+    except ValidationError as error:
+        return [detail for detail in error.errors() if detail["type"] == "extra_forbidden"
+                or any(_dotted(detail) == key or _dotted(detail).startswith(f"{key}.")
+                       for key in values)]
+    finally:
+        _LAYERS.reset(token)
+    return []
+
+
+def _dotted(detail: ErrorDetails) -> str:
+    loc = [str(part) for part in detail["loc"]]
+    if loc[:2] == ["stt", "params"]:
+        # A parameter's value fits none of str, int, float, bool: pydantic
+        # names each; the user needs the parameter.
+        loc = loc[:3]
+    return ".".join(loc)
 
 
 def _resolve_secret_files(layers: list[Layer]) -> list[Layer]:
@@ -490,24 +669,44 @@ def _resolve_secret_file(layers: list[Layer], file_key: str, secret_key: str) ->
     return layers
 
 
-def _config_error(error: ValidationError, layers: Sequence[Layer]) -> ConfigError:
-    first = error.errors()[0]
-    dotted = ".".join(str(part) for part in first["loc"])
+def _config_error(errors: Sequence[ErrorDetails], layers: Sequence[Layer]) -> ConfigError:
+    first = errors[0]
+    dotted = _dotted(first)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key" if "." in dotted else "unknown section or key"
-    elif "input" in first and dotted not in SECRET_KEYS:
-        message = f"{message} (got {first['input']!r})"
-    more = len(error.errors()) - 1
+    elif "input" in first:
+        shown = _printable_input(dotted, first["input"])
+        if shown is not None:
+            message = f"{message} (got {shown})"
+    # Alternatives of one parameter's union count as one problem.
+    more = len({_dotted(detail) for detail in errors}) - 1
     if more:
         message += f"; and {more} more problem{'s' if more > 1 else ''}"
     return ConfigError(message, key=dotted, source=_source_of(layers, dotted))
 
 
+def _printable_input(dotted: str, value: Any) -> str | None:
+    """A rejected value as the error may show it: never a secret."""
+    if dotted in SECRET_KEYS:
+        return None
+    if dotted.startswith("stt.params.") and any(
+        is_credential_name(name) for name in dotted.split(".")[2:]
+    ):
+        return None
+    if dotted == "stt.url" and isinstance(value, str):
+        return repr(mask_url(value))
+    if dotted == "stt.params":
+        return repr(mask_params(value)) if isinstance(value, Mapping) else None
+    if isinstance(value, Mapping) or dotted == "stt":
+        # A whole section (a rule across its keys failed): it may hold a key
+        # or a password, and the message names what is wrong anyway.
+        return None
+    return repr(value)
+
+
 # ---------------------------------------------------------------------------
 # Presentation: the effective configuration, secrets masked.
-
-MASK = "********"
 
 
 def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
@@ -516,6 +715,10 @@ def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
     for dotted, value in _flatten(data):
         if dotted in SECRET_KEYS:
             value = MASK if value is not None else None
+        elif dotted == "stt.url":
+            value = mask_url(value)
+        elif dotted == "stt.params":
+            value = mask_params(value)
         source = loaded.source_of(dotted)
         file_key = next((f for f, secret in SECRET_FILES.items() if secret == dotted), None)
         if file_key and source != DEFAULT_SOURCE and source == loaded.source_of(file_key):

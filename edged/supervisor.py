@@ -30,7 +30,7 @@ from edged.audio.spool import Spool
 from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
-from edged.logs import set_secrets
+from edged.logs import mask_secrets, set_secrets
 from edged.monitor.server import MonitorServer
 from edged.mqtt.payloads import (
     HERMES_TEXT_CAPTURED,
@@ -250,7 +250,8 @@ class Daemon:
             # directory; anything but ok means transcripts and audio wait in memory.
             "storage": self.storage.condition,
             "storage_error": self.storage.reason,
-            "last_error": errors[0] if errors else None,
+            # An error may quote the service's URL with a key in its query.
+            "last_error": mask_secrets(errors[0]) if errors else None,
         }
 
     def _metrics_snapshot(self) -> Snapshot:

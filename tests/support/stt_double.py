@@ -127,12 +127,14 @@ class SttDouble:
             self.refused += 1
             headers = {"Retry-After": self.faults.retry_after} if self.faults.retry_after else {}
             return _response(HTTPStatus(self.faults.refuse_status), "refused by test", headers)
-        if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
+        # The service takes the key in the query too.
+        api_key = request.headers.get("x-api-key") or query.get("api_key", [None])[0]
+        if self.api_key is not None and api_key != self.api_key:
             self.refused += 1
             return _response(HTTPStatus.UNAUTHORIZED, "invalid API key")
         if query.get("encoding") != ["pcm_s16le"] or query.get("sample_rate") != ["16000"]:
             return _response(HTTPStatus.BAD_REQUEST, "unsupported audio format")
-        self.sessions.append(SessionRecord(query, request.headers.get("x-api-key")))
+        self.sessions.append(SessionRecord(query, api_key))
         return None
 
     # -- a session -------------------------------------------------------------
