@@ -288,6 +288,9 @@ class Spool:
             self._fail(error, "write")
 
     def _write_record(self, start: int, wall: float, data: bytes) -> None:
+        if not self._records:  # a backlog begins: say that the card is written
+            log.info("spool.writing from=%.3fs reason=untranscribed_audio_while_offline",
+                     start / SAMPLE_RATE)
         writer = self._writer
         if writer is None or writer.segment.size >= SEGMENT_BYTES:
             writer = self._open_segment()
@@ -432,6 +435,8 @@ class Spool:
             done.append(segment)
         if done:
             self._remove_segments(done)
+            if not self._records:
+                log.info("spool.emptied up_to=%.3fs", end / SAMPLE_RATE)
 
     def _current_segment(self) -> _Segment | None:
         return self._writer.segment if self._writer else None
@@ -488,6 +493,10 @@ class Spool:
     def close(self) -> None:
         self.sync()
         self._close_writer()
+        if self._records:
+            seconds = sum(r.end - r.start for r in self._records) / SAMPLE_RATE
+            log.info("spool.kept seconds=%.1f files=%d replayed_on_next_start=true", seconds,
+                     len(self._segments))
 
 
 @dataclass

@@ -23,6 +23,31 @@ ensure_apt_packages() {
     fi
 }
 
+# with_progress LOG MESSAGE COMMAND...: run COMMAND with its output in LOG,
+# printing MESSAGE and the elapsed time every 10 s, so a slow step (a Pi
+# compiling pyalsaaudio takes minutes) is not mistaken for a hang. On failure
+# the log is shown.
+with_progress() {
+    local log=$1 message=$2 started=$SECONDS pid status
+    shift 2
+    echo "==> $message" >&2
+    "$@" >"$log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        if (( (SECONDS - started) % 10 == 0 )) && kill -0 "$pid" 2>/dev/null; then
+            echo "    ... still $message ($((SECONDS - started)) s)" >&2
+        fi
+    done
+    wait "$pid" && status=0 || status=$?
+    if [ "$status" -ne 0 ]; then
+        cat "$log" >&2
+        echo "failed: $message (log above, also in $log)" >&2
+        return "$status"
+    fi
+    echo "    done in $((SECONDS - started)) s" >&2
+}
+
 # ensure_venv EXTRAS: a virtual environment with the project installed editable.
 # Reinstalls only when pyproject.toml changed since the last install.
 ensure_venv() {
@@ -34,13 +59,9 @@ ensure_venv() {
         python3 -m venv "$VENV"
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        echo "==> installing edged[$extras] into $VENV" >&2
-        if ! { "$VENV/bin/pip" install -q --upgrade pip &&
-               "$VENV/bin/pip" install -q -e "$ROOT[$extras]"; } >"$VENV/.install.log" 2>&1; then
-            cat "$VENV/.install.log" >&2
-            echo "pip install failed (log above)" >&2
-            return 1
-        fi
+        with_progress "$VENV/.install.log" "installing edged[$extras] into $VENV (about a minute)" \
+            sh -c '"$1/bin/pip" install --upgrade pip && "$1/bin/pip" install -e "$2[$3]"' \
+            sh "$VENV" "$ROOT" "$extras" || return 1
         echo "$want" >"$stamp"
     fi
 }
