@@ -32,6 +32,7 @@ from edged.errors import ConfigError
 from edged.mqtt import discovery
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
 from edged.outbox import Key, Outbox, OutboxItem
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.mqtt")
 
@@ -108,8 +109,8 @@ class MqttPublisher:
 
     def start(self) -> None:
         mqtt = self.settings.mqtt
-        log.info("mqtt.connecting host=%s port=%d client_id=%s", mqtt.host, mqtt.port,
-                 self.settings.mqtt_client_id)
+        log.info("mqtt.connecting host=%s port=%d client_id=%s", loggable(mqtt.host), mqtt.port,
+                 loggable(self.settings.mqtt_client_id))
         properties = None
         if mqtt.protocol == "5" and mqtt.session_expiry_s:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -254,14 +255,14 @@ class MqttPublisher:
         self.connect_failures = 0
         self.last_error = None
         self.connects += 1
-        log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
+        log.info("mqtt.connected host=%s tls=%s", loggable(self.settings.mqtt.host),
                  str(self.settings.mqtt.uses_tls).lower())
         self._announce()
         self.fill()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:
-            log.warning("mqtt.disconnected reason=%s", reason)
+            log.warning("mqtt.disconnected reason=%s", loggable(reason))
         self.connected = False
 
     def _connect_failed(self, reason: str) -> None:
@@ -270,8 +271,8 @@ class MqttPublisher:
         # paho retries every 1..30 s; one line per few attempts is enough.
         if self.connect_failures in (1, 2, 5) or self.connect_failures % 20 == 0:
             log.warning("mqtt.connect_failed host=%s port=%d attempts=%d reason=%s",
-                        self.settings.mqtt.host, self.settings.mqtt.port,
-                        self.connect_failures, reason)
+                        loggable(self.settings.mqtt.host), self.settings.mqtt.port,
+                        self.connect_failures, loggable(reason))
 
     def _published(self, mid: int) -> None:
         key = self._in_flight.pop(mid, None)
