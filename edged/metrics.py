@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edged.config import MetricsSettings
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.metrics")
 
@@ -88,7 +89,8 @@ class Metrics:
             return
         self._server, _ = start_http_server(self.settings.port, addr=self.settings.host,
                                             registry=self.registry)
-        log.info("metrics.listening address=%s:%d", self.settings.host, self.settings.port)
+        log.info("metrics.listening address=%s:%d", loggable(self.settings.host),
+                 self.settings.port)
 
     def stop(self) -> None:
         if self._server is not None:

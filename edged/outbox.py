@@ -50,6 +50,7 @@ from edged.storage import (
     make_directory,
     quarantine,
 )
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.outbox")
 
@@ -212,7 +213,7 @@ class Outbox:
             self._write(lambda db: self._insert_all(db, salvaged))
             self._disk_depth += len(salvaged)
         log.warning("outbox.salvaged items=%d previous_stream=%s", len(salvaged),
-                    previous.id if previous else "unreadable")
+                    loggable(previous.id) if previous else "unreadable")
         return info
 
     def _read_only_view(self) -> StreamInfo:
@@ -415,7 +416,7 @@ class Outbox:
             if reopened:
                 info = self._open()
                 if info.id != self.stream_id:
-                    log.info("outbox.adopted file_stream=%s stream_id=%s", info.id,
+                    log.info("outbox.adopted file_stream=%s stream_id=%s", loggable(info.id),
                              self.stream_id)
             self._write(self._move_memory_to_disk)
         except (sqlite3.Error, OSError) as error:

@@ -12,6 +12,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from edged.untrusted import loggable
+
 log = logging.getLogger("edged.sdnotify")
 
 
@@ -41,7 +43,7 @@ class Notifier:
             self._socket.sendto(message, self._address)
         except OSError as error:
             if not self._failed:  # once: a broken notify socket must not flood the log
-                log.warning("sdnotify.failed error=%s", error)
+                log.warning("sdnotify.failed error=%s", loggable(error))
                 self._failed = True
 
     def close(self) -> None:

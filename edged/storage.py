@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edged.untrusted import loggable
+
 log = logging.getLogger("edged.storage")
 
 RETRY_S = 30.0  # how often a degraded disk is tried again (`state_retry_s`)
@@ -115,7 +117,7 @@ class StorageHealth:
         known = self._problems.get(store)
         if known is None or known.condition != condition:
             log.error("storage.degraded store=%s condition=%s error=%s fallback=memory "
-                      "retry_in=%.0fs", store, condition, reason, self.retry_s)
+                      "retry_in=%.0fs", store, condition, loggable(reason), self.retry_s)
         self._problems[store] = Problem(condition, reason, known.since if known else
                                         time.monotonic())
         if not self._next_retry:
@@ -125,7 +127,7 @@ class StorageHealth:
     def full(self, store: str, reason: str) -> None:
         """Not an error: the store stopped at its limit (free-space reserve)."""
         if store not in self._problems:
-            log.warning("storage.full store=%s reason=%s", store, reason)
+            log.warning("storage.full store=%s reason=%s", store, loggable(reason))
             self._problems[store] = Problem(FULL, f"{store}: {reason}", time.monotonic())
 
     def recovered(self, store: str) -> None:
@@ -200,8 +202,9 @@ def quarantine(path: Path, why: str) -> Path | None:
         path.rename(target)
         fsync_directory(path.parent)
     except OSError as error:
-        log.error("storage.quarantine_failed file=%s reason=%s error=%s", path.name, why,
-                  describe(error))
+        log.error("storage.quarantine_failed file=%s reason=%s error=%s", loggable(path.name),
+                  why, loggable(describe(error)))
         return None
-    log.error("storage.quarantined file=%s moved_to=%s reason=%s", path.name, target.name, why)
+    log.error("storage.quarantined file=%s moved_to=%s reason=%s", loggable(path.name),
+              loggable(target.name), why)
     return target

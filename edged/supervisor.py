@@ -45,6 +45,7 @@ from edged.storage import StorageHealth, describe, make_directory
 from edged.streamclock import StreamClock
 from edged.stt.protocol import Final, samples_to_seconds
 from edged.stt.session import SttSession
+from edged.untrusted import loggable
 
 if TYPE_CHECKING:
     from edged.metrics import Metrics, Snapshot
@@ -72,8 +73,8 @@ class Daemon:
         try:
             make_directory(settings.state_dir)
         except OSError as error:
-            log.error("storage.state_dir_unusable path=%s error=%s", settings.state_dir,
-                      describe(error))
+            log.error("storage.state_dir_unusable path=%s error=%s", loggable(settings.state_dir),
+                      loggable(describe(error)))
         self.outbox = Outbox(settings.state_dir / "outbox.sqlite3", self.storage)
         self.monitor = MonitorServer(settings.state_dir / "monitor.sock", self.state)
         self.publisher = MqttPublisher(settings, self.outbox, loop)
@@ -121,8 +122,8 @@ class Daemon:
         try:
             self.metrics.start()
         except OSError as error:  # a taken port must not stop the audio
-            log.error("metrics.unavailable address=%s:%d error=%s", settings.host,
-                      settings.port, error.strerror or error)
+            log.error("metrics.unavailable address=%s:%d error=%s", loggable(settings.host),
+                      settings.port, loggable(error.strerror or error))
 
     def _stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -431,13 +432,13 @@ class Daemon:
         try:
             new = await asyncio.to_thread(self._load)
         except ConfigError as error:
-            log.error("config.reload_refused keeping=current error=%s", error)
+            log.error("config.reload_refused keeping=current error=%s", loggable(error))
             return
         old = self.settings
         set_secrets(old.secrets + new.secrets)
         if new.state_dir != old.state_dir:
             log.warning("config.reload state_dir=%s needs a restart; keeping %s",
-                        new.state_dir, old.state_dir)
+                        loggable(new.state_dir), loggable(old.state_dir))
             new = new.model_copy(update={"state_dir": old.state_dir})
         if new.vad != old.vad:
             log.warning("config.reload vad needs a restart; keeping the current vad settings")
@@ -450,7 +451,7 @@ class Daemon:
         try:
             await self._apply(new, old)
         except ConfigError as error:
-            log.error("config.reload_refused keeping=current error=%s", error)
+            log.error("config.reload_refused keeping=current error=%s", loggable(error))
             return
         log.info("config.reloaded changed=%s", ",".join(changed))
         self._changed()
@@ -557,7 +558,7 @@ class Daemon:
             log.info("edged.stop status=0")
             return 0
         status = self._fatal.exit_status if isinstance(self._fatal, EdgedError) else 1
-        log.error("edged.fatal status=%d error=%s", status, self._fatal)
+        log.error("edged.fatal status=%d error=%s", status, loggable(self._fatal))
         return status
 
 

@@ -38,6 +38,8 @@ def test_retry_after_is_honoured_in_seconds_or_as_a_date() -> None:
     now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
     assert retry_after_seconds("Thu, 26 Nov 2026 12:00:30 GMT", now) == 30.0
     assert retry_after_seconds("soon") is None
+    assert retry_after_seconds("nan") is None  # not a duration: the normal backoff
+    assert retry_delay(SttRateLimited("x", retry_after=retry_after_seconds("inf")), 1) == 600.0
     assert retry_delay(SttRateLimited("x", retry_after=None), 1) <= BACKOFF_INITIAL_S * 1.01
 
 

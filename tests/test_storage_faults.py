@@ -115,8 +115,9 @@ def test_a_read_only_state_directory_is_reported_and_transcripts_still_flow(
 
     with read_only(stack.home / "state"):
         daemon = start(stack)
-        state = wait_for_state(subscriber, lambda s: s["storage"] == "read_only")
-        assert state["status"] == "streaming", "read-only storage does not stop the audio"
+        # Read-only storage does not stop the audio: streaming, and saying why not durable.
+        wait_for_state(subscriber,
+                       lambda s: s["storage"] == "read_only" and s["status"] == "streaming")
         audio, _ = script([["bravo", "charlie"], ["delta"]])
         mic.play(audio)
         finals = collect_finals(subscriber, 2)

@@ -26,6 +26,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponent
 from edged.audio.alsalog import route_alsa_messages
 from edged.config import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, AudioSettings
 from edged.errors import CaptureError, CaptureFormatError
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.capture")
 
@@ -142,7 +143,7 @@ class Capture:
                 if self._stop.is_set():
                     return None
                 pcm = open_pcm(self.settings)
-                log.info("capture.open device=%s period_ms=%d", self.settings.device,
+                log.info("capture.open device=%s period_ms=%d", loggable(self.settings.device),
                          self.settings.chunk_ms)
                 self.stats.last_error = None
                 self._set_open(True)
@@ -158,7 +159,7 @@ class Capture:
         self.stats.last_error = str(error)
         delay = state.next_action.sleep if state.next_action else 0.0
         log.warning("capture.unavailable attempt=%d retry_in=%.1fs error=%s",
-                    state.attempt_number, delay, error)
+                    state.attempt_number, delay, loggable(error))
         self._loop.call_soon_threadsafe(self._on_change)
 
     def _read_until_error(self, pcm: Any) -> None:
@@ -175,7 +176,8 @@ class Capture:
                 if batch:
                     self._hand_over(b"".join(batch))
                 self.stats.last_error = f"device lost: {error}"
-                log.warning("capture.lost device=%s error=%s", self.settings.device, error)
+                log.warning("capture.lost device=%s error=%s", loggable(self.settings.device),
+                            loggable(error))
                 return
             if stopping():  # a read blocks a period: look after it, not before
                 return

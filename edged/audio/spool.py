@@ -50,6 +50,7 @@ from pathlib import Path
 
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH
 from edged.storage import StorageHealth, describe, fsync_directory, make_directory, quarantine
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.spool")
 
@@ -176,7 +177,8 @@ class Spool:
         try:
             data = path.read_bytes()
         except OSError as error:
-            log.warning("spool.unreadable file=%s error=%s", path.name, describe(error))
+            log.warning("spool.unreadable file=%s error=%s", loggable(path.name),
+                        loggable(describe(error)))
             return None, [], True
         if len(data) <= _FILE_HEADER.size and data[: len(MAGIC)] in (MAGIC, MAGIC[: len(data)]):
             # Created and cut off before its first record: nothing in it.
@@ -188,7 +190,7 @@ class Spool:
         if data[: len(MAGIC)] == MAGIC:
             stream = _FILE_HEADER.unpack_from(data)[1]
         else:
-            log.warning("spool.corrupt file=%s reason=bad_header", path.name)
+            log.warning("spool.corrupt file=%s reason=bad_header", loggable(path.name))
             damage, offset = True, 0
         found: list[_Found] = []
         while offset < len(data):
@@ -204,7 +206,7 @@ class Spool:
                 resume = data.find(RECORD_MAGIC, resume + 1)
             skipped = (len(data) if resume == -1 else resume) - offset
             log.warning("spool.corrupt file=%s offset=%d reason=%s skipped_bytes=%d",
-                        path.name, offset, problem, skipped)
+                        loggable(path.name), offset, problem, skipped)
             self.dropped += skipped // SAMPLE_WIDTH  # about: headers count too
             if resume == -1:
                 break
@@ -245,7 +247,7 @@ class Spool:
             if damage:
                 quarantine(path, "damaged records")
             else:
-                log.info("spool.adopted file=%s from_stream=%s", path.name, stream.hex())
+                log.info("spool.adopted file=%s from_stream=%s", loggable(path.name), stream.hex())
                 self._drop_file(path)
         log.info("spool.salvaged seconds=%.1f files=%d", copied / SAMPLE_RATE, len(files))
         return position
@@ -419,7 +421,8 @@ class Spool:
                 handle.seek(record.offset + skip)
                 data = handle.read(length)
         except OSError as error:
-            log.warning("spool.read_failed file=%s error=%s", segment.path.name, describe(error))
+            log.warning("spool.read_failed file=%s error=%s", loggable(segment.path.name),
+                        loggable(describe(error)))
             return record.end, b""
         return start, data
 
@@ -461,7 +464,8 @@ class Spool:
         try:
             path.unlink(missing_ok=True)
         except OSError as error:
-            log.warning("spool.unlink_failed file=%s error=%s", path.name, describe(error))
+            log.warning("spool.unlink_failed file=%s error=%s", loggable(path.name),
+                        loggable(describe(error)))
 
     def _segment(self, number: int) -> _Segment:
         for segment in self._segments:

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from edged.localstt.recognizer import BYTES_PER_SAMPLE, SAMPLE_RATE, StreamingRecognizer, Utterance
+from edged.untrusted import loggable
 
 logger = logging.getLogger("edged.localstt")
 
@@ -289,7 +290,7 @@ class _Session:
 async def _handle(connection: ServerConnection, pool: _RecognizerPool, send_partials: bool) -> None:
     peer = connection.remote_address
     provider = _provider(connection.request) if connection.request else DEFAULT_PROVIDER
-    logger.info("connection from %s opened (provider %s)", peer, provider)
+    logger.info("connection from %s opened (provider %s)", peer, loggable(provider))
     recognizer = await pool.acquire()
     session = _Session(connection, recognizer, provider, send_partials)
     try:

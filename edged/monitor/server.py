@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edged.monitor.level import Level, LevelMeter
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.monitor")
 
@@ -82,11 +83,12 @@ class MonitorServer:
             # chmod after bind only widens the daemon's umask (0077 under systemd).
             os.chmod(self.path, SOCKET_MODE)
         except OSError as error:
-            log.warning("monitor.unavailable path=%s error=%s", self.path, error)
+            log.warning("monitor.unavailable path=%s error=%s", loggable(self.path),
+                        loggable(error))
             await self._close_server()
             return
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="monitor")
-        log.info("monitor.listening path=%s", self.path)
+        log.info("monitor.listening path=%s", loggable(self.path))
 
     async def stop(self) -> None:
         if self._ticker is not None:

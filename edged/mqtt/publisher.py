@@ -32,6 +32,7 @@ from edged.errors import ConfigError
 from edged.mqtt import discovery
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
 from edged.outbox import Key, Outbox, OutboxItem
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.mqtt")
 
@@ -112,8 +113,8 @@ class MqttPublisher:
 
     def start(self) -> None:
         mqtt = self.settings.mqtt
-        log.info("mqtt.connecting host=%s port=%d client_id=%s", mqtt.host, mqtt.port,
-                 self.settings.mqtt_client_id)
+        log.info("mqtt.connecting host=%s port=%d client_id=%s", loggable(mqtt.host), mqtt.port,
+                 loggable(self.settings.mqtt_client_id))
         properties = None
         if mqtt.protocol == "5" and mqtt.session_expiry_s:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -269,7 +270,7 @@ class MqttPublisher:
         self.connect_failures = 0
         self.last_error = None
         self.connects += 1
-        log.info("mqtt.connected host=%s tls=%s", self.settings.mqtt.host,
+        log.info("mqtt.connected host=%s tls=%s", loggable(self.settings.mqtt.host),
                  str(self.settings.mqtt.uses_tls).lower())
         self._announce()
         self._refused.clear()  # a new connection: offer them again
@@ -278,9 +279,9 @@ class MqttPublisher:
     def _disconnected(self, reason: str) -> None:
         if self.connected:
             if self._stopping:
-                log.info("mqtt.disconnected reason=%s", reason)  # we asked for it
+                log.info("mqtt.disconnected reason=%s", loggable(reason))  # we asked for it
             else:
-                log.warning("mqtt.disconnected reason=%s", reason)
+                log.warning("mqtt.disconnected reason=%s", loggable(reason))
         self.connected = False
 
     def _connect_failed(self, reason: str) -> None:
@@ -289,8 +290,8 @@ class MqttPublisher:
         # paho retries every 1..30 s; one line per few attempts is enough.
         if self.connect_failures in (1, 2, 5) or self.connect_failures % 20 == 0:
             log.warning("mqtt.connect_failed host=%s port=%d attempts=%d reason=%s",
-                        self.settings.mqtt.host, self.settings.mqtt.port,
-                        self.connect_failures, reason)
+                        loggable(self.settings.mqtt.host), self.settings.mqtt.port,
+                        self.connect_failures, loggable(reason))
 
     def _published(self, mid: int, refusal: str | None = None) -> None:
         key = self._in_flight.pop(mid, None)
@@ -301,6 +302,6 @@ class MqttPublisher:
             self._handed_over.discard(key)
             self._refused.add(key)
             log.warning("mqtt.publish_refused seq=%d reason=%s kept_in_outbox=true", key[1],
-                        refusal)
+                        loggable(refusal))
             return
         self._acknowledged(key)

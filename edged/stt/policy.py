@@ -10,6 +10,7 @@ Retry-After says.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -48,9 +49,13 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # A header from outside: "nan" would make every delay NaN (and the
+        # backoff wait undefined); "inf" is capped like any long wait.
+        return None if math.isnan(seconds) else max(seconds, 0.0)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -42,10 +42,12 @@ from edged.stt.protocol import (
     SessionTimeline,
     TranscriptMessage,
     listen_url,
+    looks_partial,
     parse_frame,
     place_final,
     samples_to_seconds,
 )
+from edged.untrusted import loggable
 
 log = logging.getLogger("edged.stt")
 
@@ -319,24 +321,25 @@ class SttSession:
         return cursor, end, finished
 
     async def _receive(self, connection: ClientConnection, timeline: SessionTimeline) -> None:
-        """Read frames until the connection ends; raises if the service ended it."""
+        """Read frames until the connection ends; raises if the service ended it.
+
+        Every frame goes through `parse_frame`, which turns anything not
+        well-formed (or timed outside the audio sent) into a MalformedFrame
+        value: nothing the service sends can raise out of here, and only a
+        frame that passed the gate reaches the de-duplication point."""
         async for message in connection:
-            if not self.settings.mqtt.partials and _is_partial(message):
+            if not self.settings.mqtt.partials and looks_partial(message):
                 continue  # the most frequent frame, and nobody wants it: skip the parse
-            frame = parse_frame(message)
+            frame = parse_frame(message, timeline.sent_samples)
             if isinstance(frame, TranscriptMessage):
                 if not frame.is_partial:
                     self._final(frame, timeline)
-                elif self._on_partial is not None and timeline.stream_start is not None:
+                elif self._on_partial is not None:
                     self._on_partial(frame.transcript, timeline.to_stream(frame.start_time),
                                      timeline.to_stream(frame.end_time))
             elif isinstance(frame, MalformedFrame):
-                self.stats.malformed_frames += 1
-                count = self.stats.malformed_frames
-                if count <= 3 or count % 100 == 0:  # rate-limited: a bad peer must not flood
-                    log.warning("stt.malformed_frame count=%d reason=%s", count, frame.reason)
-                    self._on_change()  # and the state says so
-            elif isinstance(frame, OtherMessage):
+                self._malformed(frame)
+            else:
                 self._other(frame)
         if not self._closing.is_set():
             # A clean close we did not ask for (idle timeout, server restart):
@@ -346,10 +349,6 @@ class SttSession:
             )
 
     def _final(self, message: TranscriptMessage, timeline: SessionTimeline) -> None:
-        if timeline.stream_start is None:
-            self.stats.malformed_frames += 1
-            log.warning("stt.final_before_audio ignored=true")
-            return
         final = self.finals.accept(place_final(message, timeline))
         # Committed (the final with the point it moves to) before any of its
         # audio is released: a crash in between re-sends, never loses.
@@ -360,11 +359,20 @@ class SttSession:
         if final is not None:
             self.stats.finals += 1
 
+    def _malformed(self, frame: MalformedFrame) -> None:
+        self.stats.malformed_frames += 1
+        count = self.stats.malformed_frames
+        if count <= 3 or count % 100 == 0:  # rate-limited: a bad peer must not flood
+            log.warning("stt.malformed_frame count=%d reason=%s frame=%s",
+                        count, loggable(frame.reason), frame.excerpt)
+            self._on_change()  # and the state says so
+
     def _other(self, frame: OtherMessage) -> None:
         if frame.type == "error":
-            log.warning("stt.service_error message=%s", frame.body.get("message", frame.body))
+            message = frame.body.get("message", frame.body)
+            log.warning("stt.service_error message=%s", loggable(message))
         else:
-            log.debug("stt.message type=%s", frame.type)
+            log.debug("stt.message type=%s", loggable(frame.type))
 
     # -- reconnect policy ------------------------------------------------------
 
@@ -386,13 +394,13 @@ class SttSession:
         self.stats.reconnect_causes[cause] = self.stats.reconnect_causes.get(cause, 0) + 1
         if isinstance(error, SttAuthError):
             self.stats.state = "auth_failed"
-            log.error("stt.auth_failed retry_in=%.0fs error=%s", delay, error)
+            log.error("stt.auth_failed retry_in=%.0fs error=%s", delay, loggable(error))
         elif isinstance(error, SttRejectedError):
             self.stats.state = "rejected"
-            log.error("stt.rejected retry_in=%.0fs error=%s", delay, error)
+            log.error("stt.rejected retry_in=%.0fs error=%s", delay, loggable(error))
         else:
             self.stats.state = "disconnected"
-            log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, error)
+            log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, loggable(error))
         self._on_change()
 
 
@@ -407,13 +415,6 @@ def _read_in_small_buffers(connection: ClientConnection) -> None:
     for reader in (transport, getattr(transport, "_ssl_protocol", None)):
         if isinstance(getattr(reader, "max_size", None), int):
             reader.max_size = RECV_BYTES  # type: ignore[union-attr]
-
-
-def _is_partial(message: str | bytes) -> bool:
-    """A cheap look for `"is_partial": true`; a false positive only costs the
-    skip of a frame that claims to be partial anyway."""
-    tail = message[-400:] if isinstance(message, str) else ""
-    return '"is_partial":true' in tail.replace(" ", "")
 
 
 def _cause(error: BaseException | None) -> str:

@@ -3,7 +3,8 @@
 It speaks the real protocol (path, query, x-api-key, binary audio in, JSON
 transcripts out with session-relative times, CloseStream) and recognises the
 tone language of `tonespeech`, so its transcripts carry true times. Faults
-are injected on demand: abrupt drops, refused connects, malformed frames.
+are injected on demand: abrupt drops, refused connects, malformed or scripted
+frames.
 
 It runs its own event loop in a thread, so tests drive it from plain code
 while the daemon under test runs as a separate process.
@@ -57,6 +58,9 @@ class Faults:
     idle_timeout_s: float | None = None
     # Send a malformed frame after each final.
     malformed_after_final: bool = False
+    # Send these frames (text or binary), once, after the next audio frame
+    # received: whatever a broken or hostile service might say.
+    scripted_frames: list[str | bytes] = field(default_factory=list)
     # Answer every audio frame with this many extra finals of one synthetic
     # word, in equal consecutive slices of the frame's time (meant for silence:
     # they would overlap the tone language's own finals).
@@ -160,6 +164,9 @@ class SttDouble:
                     raise AssertionError("client sent an empty audio frame")
                 record.bytes_received += len(message)
                 record.frame_sizes.append(len(message))
+                scripted, self.faults.scripted_frames = self.faults.scripted_frames, []
+                for frame in scripted:
+                    await connection.send(frame)
                 for utterance in recognizer.feed(message):
                     await self._send_final(connection, record, provider, utterance)
                 slices = self.faults.finals_per_frame
