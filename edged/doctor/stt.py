@@ -176,31 +176,26 @@ class _SttCheck:
         async with connection:
             frames = _Frames()
             receiver = asyncio.create_task(frames.receive(connection))
-            sent = 0.0
             try:
-                sent = await self._send_audio(connection)
+                await self._send_audio(connection)
                 await connection.send(self.stt.close_message)
             except ConnectionClosed:
                 await asyncio.wait({receiver}, timeout=1.0)
-                return self._ended_early(connection.close_code, connection.close_reason, sent,
-                                         frames)
-            finally:
-                self.data["audio_s"] = round(sent, 2)
+                return self._ended_early(connection.close_code, connection.close_reason, frames)
             closing = time.monotonic()
             done, _ = await asyncio.wait({receiver}, timeout=self.stt.close_timeout_s)
             if not done:
                 receiver.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await receiver
-                self._report_frames(sent, frames)
+                self._report_frames(frames)
                 return self.warned(f"the service did not close the session within "
                                    f"{self.stt.close_timeout_s:g} s of stt.close_message",
                                    "check stt.close_message against the service's protocol "
                                    "(router.audio's: {\"type\":\"CloseStream\"}); edged waits "
                                    "stt.close_timeout_s for the last finals at every stop")
             close_s = time.monotonic() - closing
-        return self._closed(connection.close_code, connection.close_reason, sent, frames,
-                            close_s)
+        return self._closed(connection.close_code, connection.close_reason, frames, close_s)
 
     def _saw_date(self, value: str | None) -> None:
         """The server's Date header, and this clock when it came (for the clock check)."""
@@ -208,11 +203,11 @@ class _SttCheck:
             self.data["server_date"] = value
             self.data["server_date_seen"] = datetime.now(UTC).isoformat()
 
-    async def _send_audio(self, connection: Any) -> float:
+    async def _send_audio(self, connection: Any) -> None:
         frame_bytes = SAMPLE_RATE * SAMPLE_WIDTH * self.stt.frame_ms // 1000
         total = round(AUDIO_S * SAMPLE_RATE) * SAMPLE_WIDTH
         sent = 0
-        self.data["frames_sent"] = 0
+        self.data.update(frames_sent=0, audio_s=0.0)
         while sent < total:
             if sent:
                 await asyncio.sleep(self.stt.frame_ms / 1000)  # at real time, as captured
@@ -220,21 +215,22 @@ class _SttCheck:
             await connection.send(bytes(size))
             sent += size
             self.data["frames_sent"] += 1
-        return sent / SAMPLE_WIDTH / SAMPLE_RATE
+            self.data["audio_s"] = round(sent / SAMPLE_WIDTH / SAMPLE_RATE, 3)
 
-    def _report_frames(self, sent: float, frames: _Frames) -> None:
+    def _report_frames(self, frames: _Frames) -> None:
         self.data.update(frames_received=frames.count, transcripts=frames.transcripts,
                          malformed=frames.malformed)
-        self.steps.append(f"{sent:.1f} s of audio sent in {self.data['frames_sent']} frames, "
-                          f"{frames.count} frame{'s' if frames.count != 1 else ''} back")
+        self.steps.append(f"{self.data['audio_s']:.1f} s of audio sent in "
+                          f"{self.data['frames_sent']} frames, {frames.count} "
+                          f"frame{'s' if frames.count != 1 else ''} back")
 
-    def _closed(self, code: int | None, reason: str | None, sent: float, frames: _Frames,
+    def _closed(self, code: int | None, reason: str | None, frames: _Frames,
                 close_s: float) -> Check:
-        self._report_frames(sent, frames)
+        self._report_frames(frames)
         self.data.update(close_code=code, close_reason=reason or None)
         if code != CLEAN_CLOSE:
-            return self.failed(f"after stt.close_message the session ended with code {code} "
-                               f"{reason or ''}".rstrip() + f" instead of {CLEAN_CLOSE}",
+            return self.failed(f"after stt.close_message the session ended with "
+                               f"{_close(code, reason)} instead of code {CLEAN_CLOSE}",
                                "check stt.close_message against the service's protocol, and "
                                "the service's status")
         self.steps.append(f"closed cleanly ({CLEAN_CLOSE}) {close_s:.1f} s after the close "
@@ -247,13 +243,12 @@ class _SttCheck:
                                "check stt.url: is it a router.audio-compatible endpoint?")
         return self.passed()
 
-    def _ended_early(self, code: int | None, reason: str | None, sent: float,
-                     frames: _Frames) -> Check:
-        self._report_frames(sent, frames)
+    def _ended_early(self, code: int | None, reason: str | None, frames: _Frames) -> Check:
+        self._report_frames(frames)
         self.data.update(close_code=code, close_reason=reason or None)
         said = f": {frames.errors[0]}" if frames.errors else ""
-        return self.failed(f"the service ended the session after {sent:.2f} s of audio, code "
-                           f"{code} {reason or ''}".rstrip() + said,
+        return self.failed(f"the service ended the session after {self.data['audio_s']:.2f} s "
+                           f"of audio, with {_close(code, reason)}{said}",
                            "check stt.provider and stt.params (a service closes a session on "
                            "parameters it does not take), and the service's status")
 
@@ -308,6 +303,10 @@ class _Frames:
                     self.malformed += 1
                 elif isinstance(frame, OtherMessage) and frame.type == "error":
                     self.errors.append(str(frame.body.get("message", frame.body))[:200])
+
+
+def _close(code: int | None, reason: str | None) -> str:
+    return f"code {code}" + (f" ({reason})" if reason else "")
 
 
 def check_stt(settings: Settings) -> Check:
