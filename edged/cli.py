@@ -1,4 +1,4 @@
-"""The `edged` command: run, check-config, devices, stt-server."""
+"""The `edged` command: run, check-config, doctor, monitor, devices, stt-server."""
 
 from __future__ import annotations
 
@@ -153,6 +153,19 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                        settings.audio.chunk_ms)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edged.doctor.report import run_doctor
+
+    return run_doctor(args.config, _flags(args), seconds=args.seconds, as_json=args.json)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.5 <= value <= 60:
+        raise argparse.ArgumentTypeError("must be from 0.5 to 60")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged",
@@ -174,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(monitor)
     monitor.set_defaults(handler=cmd_monitor)
+
+    doctor = commands.add_parser(
+        "doctor", help="check each link live: configuration, storage, microphone, STT, broker",
+        description="Check each link of the data path live, in its order: the configuration, "
+                    "the state directory, the microphone's level, the STT service (DNS, TCP, "
+                    "TLS, the key, a short session), the broker (TCP, TLS, login, a round "
+                    "trip) and the clock; each with a verdict and the fix. Exit 0 when no "
+                    "check failed (warnings allowed), 1 when one did.",
+    )
+    _add_config_arguments(doctor)
+    doctor.add_argument("--json", action="store_true",
+                        help="print one JSON document {ok, checks} (for fleet tooling)")
+    doctor.add_argument("--seconds", type=_seconds, default=3.0, metavar="N",
+                        help="seconds of microphone level to measure (default 3)")
+    doctor.set_defaults(handler=cmd_doctor)
 
     devices = commands.add_parser("devices", help="list ALSA capture devices")
     devices.set_defaults(handler=cmd_devices)

@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edged.config import Settings
+from edged.config import MqttSettings, Settings
 from edged.errors import ConfigError
 from edged.mqtt import discovery
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
@@ -40,6 +40,52 @@ WINDOW = 20  # transcripts in paho's hands at once (its default in-flight limit)
 # paho's queue, everything included (state, availability, discovery): past
 # this, publish() refuses instead of growing without bound.
 PAHO_QUEUE = 100
+
+
+def make_client(settings: Settings, client_id: str, *, reconnect: bool) -> paho.Client:
+    """A paho client as edged connects: the protocol, the login and TLS of
+    `settings` (also what `edged doctor` tries)."""
+    mqtt = settings.mqtt
+    if mqtt.protocol == "5":
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv5, reconnect_on_failure=reconnect)
+    else:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=True,  # durability is the outbox's job, not the broker's
+            reconnect_on_failure=reconnect,
+        )
+    if mqtt.username is not None:
+        client.username_pw_set(mqtt.username, settings.mqtt_password)
+    if mqtt.uses_tls:
+        client.tls_set_context(tls_context(mqtt))
+    return client
+
+
+def tls_context(mqtt: MqttSettings) -> ssl.SSLContext:
+    """Verify the broker against `ca_file` (else the system's CAs); present a
+    client certificate when one is configured."""
+    try:
+        context = ssl.create_default_context(cafile=str(mqtt.ca_file) if mqtt.ca_file else None)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load CA certificates: {error}", key="mqtt.ca_file") from None
+    if mqtt.cert_file and mqtt.key_file:
+        try:
+            context.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file))
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"cannot load the client certificate: {error}",
+                              key="mqtt.cert_file") from None
+    return context
+
+
+def connect_properties(mqtt: MqttSettings) -> Properties | None:
+    """CONNECT properties (MQTT 5): the session expiry, when set."""
+    if mqtt.protocol != "5" or not mqtt.session_expiry_s:
+        return None
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = mqtt.session_expiry_s
+    return properties
 
 
 class MqttPublisher:
@@ -64,23 +110,8 @@ class MqttPublisher:
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
-        mqtt = self.settings.mqtt
-        if mqtt.protocol == "5":
-            client = paho.Client(CallbackAPIVersion.VERSION2,
-                                 client_id=self.settings.mqtt_client_id,
-                                 protocol=paho.MQTTv5, reconnect_on_failure=True)
-        else:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=self.settings.mqtt_client_id,
-                clean_session=True,  # durability is the outbox's job, not the broker's
-                reconnect_on_failure=True,
-            )
+        client = make_client(self.settings, self.settings.mqtt_client_id, reconnect=True)
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
-        if mqtt.username is not None:
-            client.username_pw_set(mqtt.username, self.settings.mqtt_password)
-        if mqtt.uses_tls:
-            self._set_tls(client)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(WINDOW)
         client.max_queued_messages_set(PAHO_QUEUE)
@@ -91,36 +122,14 @@ class MqttPublisher:
         client.on_message = self._on_message
         return client
 
-    def _set_tls(self, client: paho.Client) -> None:
-        """Verify the broker against `ca_file` (else the system's CAs); present a
-        client certificate when one is configured."""
-        mqtt = self.settings.mqtt
-        try:
-            context = ssl.create_default_context(
-                cafile=str(mqtt.ca_file) if mqtt.ca_file else None
-            )
-        except (OSError, ssl.SSLError) as error:
-            raise ConfigError(f"cannot load CA certificates: {error}", key="mqtt.ca_file") from None
-        if mqtt.cert_file and mqtt.key_file:
-            try:
-                context.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file))
-            except (OSError, ssl.SSLError) as error:
-                raise ConfigError(f"cannot load the client certificate: {error}",
-                                  key="mqtt.cert_file") from None
-        client.tls_set_context(context)
-
     # -- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
         mqtt = self.settings.mqtt
         log.info("mqtt.connecting host=%s port=%d client_id=%s", loggable(mqtt.host), mqtt.port,
                  loggable(self.settings.mqtt_client_id))
-        properties = None
-        if mqtt.protocol == "5" and mqtt.session_expiry_s:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = mqtt.session_expiry_s
         self._client.connect_async(mqtt.host, mqtt.port, keepalive=mqtt.keepalive_s,
-                                   properties=properties)
+                                   properties=connect_properties(mqtt))
         self._client.loop_start()
         self.fill()  # left over from an earlier run
 

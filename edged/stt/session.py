@@ -210,12 +210,11 @@ class SttSession:
 
     async def _connect(self) -> ClientConnection:
         stt = self.settings.stt
-        headers = {"x-api-key": self.settings.api_key} if self.settings.api_key else {}
         try:
             return await connect(
                 self.url,
                 ssl=self._tls_context(),
-                additional_headers=headers,
+                additional_headers=request_headers(self.settings),
                 open_timeout=stt.connect_timeout_s,
                 ping_interval=stt.ping_interval_s,  # notices a half-open connection
                 ping_timeout=stt.ping_interval_s,
@@ -238,7 +237,7 @@ class SttSession:
         ca_file = self.settings.stt.ca_file
         if self._tls is None or self._tls[0] != ca_file:
             try:
-                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                context = tls_context(ca_file)
             except (OSError, ssl.SSLError) as error:
                 raise SttRejectedError(f"cannot load stt.ca_file: {error}") from None
             self._tls = (ca_file, context)
@@ -402,6 +401,17 @@ class SttSession:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, loggable(error))
         self._on_change()
+
+
+def request_headers(settings: Settings) -> dict[str, str]:
+    """The handshake's extra headers: the API key, when there is one."""
+    return {"x-api-key": settings.api_key} if settings.api_key else {}
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """What wss:// connections verify against: `ca_file` when set, else the
+    system's CAs. Raises OSError or ssl.SSLError for a bad file."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
 
 def _read_in_small_buffers(connection: ClientConnection) -> None:
