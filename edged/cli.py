@@ -59,6 +59,8 @@ def _load(args: argparse.Namespace, *, unreadable_ok: bool = False) -> LoadedCon
 
 
 def _config_failed(error: ConfigError) -> int:
+    for warning in error.warnings:  # what this user could not check, besides
+        print(f"edged: warning: {warning}", file=sys.stderr)
     for problem in error.problems:  # every problem, one line each
         print(f"edged: configuration error: {problem}", file=sys.stderr)
     return EX_CONFIG

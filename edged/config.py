@@ -226,9 +226,9 @@ def _why_not_a_directory(path: Path) -> str | None:
             return None
         if stat.S_ISDIR(mode):
             return None
-        kind = "a file" if stat.S_ISREG(mode) else "not a directory"
+        kind = "a file" if stat.S_ISREG(mode) else "a special file"
         if candidate == path:
-            return f"{path} exists and is {kind}; it must be a directory (or not exist yet)"
+            return f"{path} is {kind}, not a directory"
         return f"{path} cannot be a directory: {candidate} is {kind}"
     return None
 
@@ -647,16 +647,18 @@ def load_config(
     for file_key, secret_key in SECRET_FILES.items():
         layers = _resolve_secret_file(layers, file_key, secret_key, problems,
                                       unreadable if unreadable_ok else None, secret_files)
+    if not problems:
+        token = _LAYERS.set(layers)
+        try:
+            settings = Settings()
+        except ValidationError as error:
+            problems = _problems(error.errors(), layers)
+        finally:
+            _LAYERS.reset(token)
     if problems:
-        raise ConfigError.of(problems)
-
-    token = _LAYERS.set(layers)
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        raise ConfigError.of(_problems(error.errors(), layers)) from None
-    finally:
-        _LAYERS.reset(token)
+        failure = ConfigError.of(problems)
+        failure.warnings = [str(note) for note in unreadable]
+        raise failure
     return LoadedConfig(settings, layers, unreadable, secret_files)
 
 

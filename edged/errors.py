@@ -36,6 +36,7 @@ class ConfigError(EdgedError):
             where = f"{source}: "
         super().__init__(f"{where}{message}")
         self.problems: list[ConfigError] = [self]
+        self.warnings: list[str] = []  # what could not be checked, said beside the problems
 
     @classmethod
     def of(cls, problems: Sequence[ConfigError]) -> ConfigError:
