@@ -556,7 +556,7 @@ class Unreadable:
     source: str
     path: Path
     reason: str
-    who: str  # who can read it: "root or the edged user", "root"
+    who: str  # who can read it: "root or as the edged user", "root"
 
     @property
     def message(self) -> str:
