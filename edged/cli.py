@@ -11,14 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edged import __version__
 from edged.config import (
+    UNKNOWN,
     LoadedConfig,
     Settings,
     effective_items,
     load_config,
-    stt_credentials,
+    missing_key_warning,
+    service_user_warnings,
 )
 from edged.errors import EX_CONFIG, ConfigError
 from edged.logs import setup_logging
@@ -51,12 +54,15 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for _, dotted, _, _ in _SETTING_FLAGS}
 
 
-def _load(args: argparse.Namespace) -> LoadedConfig:
-    return load_config(args.config, flags=_flags(args))
+def _load(args: argparse.Namespace, *, unreadable_ok: bool = False) -> LoadedConfig:
+    return load_config(args.config, flags=_flags(args), unreadable_ok=unreadable_ok)
 
 
 def _config_failed(error: ConfigError) -> int:
-    print(f"edged: configuration error: {error}", file=sys.stderr)
+    for warning in error.warnings:  # what this user could not check, besides
+        print(f"edged: warning: {warning}", file=sys.stderr)
+    for problem in error.problems:  # every problem, one line each
+        print(f"edged: configuration error: {problem}", file=sys.stderr)
     return EX_CONFIG
 
 
@@ -67,8 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_failed(error)
     settings = loaded.settings
     setup_logging(settings.log_level, secrets=settings.secrets)
-    if not settings.api_key and not stt_credentials(settings.stt):
-        log.warning("stt.no_api_key hint=set stt.api_key_file or EDGED_STT__API_KEY")
+    for note in loaded.unreadable:  # the installed credentials, read outside systemd
+        log.warning("config.secret_unreadable key=%s path=%s error=%s hint=run as %s, or "
+                    "start edged.service, which gets it as a credential",
+                    note.key, note.path, note.reason, note.who)
+    if missing_key_warning(loaded):
+        log.warning("stt.no_api_key host=%s hint=sudo scripts/install --api-key-stdin, "
+                    "or set stt.api_key_file or EDGED_STT__API_KEY",
+                    urlsplit(settings.stt.url).hostname)
     from edged.supervisor import run_daemon  # imports ALSA and paho only when running
 
     def load() -> Settings:  # the first time it cannot fail: this was just validated
@@ -85,15 +97,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every value and its source, then warnings; exit 78 listing every
+    problem. A secret this user may not read (a key file for root and the
+    edged user, the installed credentials for root) is a warning, not an
+    error: the service may well read it. Exit 0 then means that all this
+    user could read is valid."""
     try:
-        loaded = _load(args)
+        loaded = _load(args, unreadable_ok=True)
     except ConfigError as error:
         return _config_failed(error)
-    rows = [(key, json.dumps(value), source) for key, value, source in effective_items(loaded)]
+    rows = [(key, "?" if value is UNKNOWN else json.dumps(value), source)
+            for key, value, source in effective_items(loaded)]
     width = max(len(key) + len(value) + 3 for key, value, _ in rows)
     for key, value, source in rows:
         print(f"{key} = {value}".ljust(width), f"# {source}")
-    print("configuration OK", file=sys.stderr)
+    warnings = [str(note) for note in loaded.unreadable]
+    warnings += service_user_warnings(loaded)
+    missing_key = missing_key_warning(loaded)
+    warnings += [missing_key] if missing_key else []
+    for warning in warnings:
+        print(f"edged: warning: {warning}", file=sys.stderr)
+    if loaded.unreadable:
+        print("configuration OK as far as this user can read it (see the warnings)",
+              file=sys.stderr)
+    elif warnings:
+        print(f"configuration OK, with {len(warnings)} warning{'s' * (len(warnings) > 1)}",
+              file=sys.stderr)
+    else:
+        print("configuration OK", file=sys.stderr)
     return 0
 
 
@@ -144,7 +175,7 @@ def cmd_stt_server(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     try:
-        settings = _load(args).settings
+        settings = _load(args, unreadable_ok=True).settings  # it needs no secret
     except ConfigError as error:
         return _config_failed(error)
     from edged.monitor.view import run_monitor  # ALSA only if it falls back to the mic

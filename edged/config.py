@@ -4,15 +4,18 @@ Sources, highest first (the contract in design.md):
 
 1. command-line flags
 2. environment variables ``EDGED_<SECTION>__<KEY>``
-3. the ``[devices."<device id>"]`` section of the config files
-4. the config files, later files above earlier ones
-5. defaults
+3. systemd credentials ``stt_api_key`` and ``mqtt_password`` (secrets only,
+   see `credentials_directory`)
+4. the ``[devices."<device id>"]`` section of the config files
+5. the config files, later files above earlier ones
+6. defaults
 
 Every value remembers its source so that errors and ``edged check-config`` can
 name it. Each source is validated on its own first (a bad value in a file is
 an error even where a variable overrides it: the next device may lack the
 variable), then files and variables are merged by pydantic-settings from one
-source object per layer; the models forbid unknown keys.
+source object per layer; the models forbid unknown keys. Every problem found
+is reported, not only the first.
 
 Secrets are known by name (``stt.api_key``, ``mqtt.password``) and by shape:
 credentials in the query of ``stt.url`` and in ``stt.params``, see
@@ -22,8 +25,10 @@ credentials in the query of ``stt.url`` and in ``stt.params``, see
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import json
 import os
+import pwd
 import re
 import socket
 import stat
@@ -44,7 +49,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edged.errors import ConfigError
@@ -207,6 +212,27 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edged").split(":")[0])
 
 
+def _why_not_a_directory(path: Path) -> str | None:
+    """Why `path` can never be a directory (it, or a parent, exists as
+    something else), or None. A path that does not exist yet is fine (the
+    daemon makes it); one that cannot be looked at (no permission) is left to
+    the daemon, which reports storage it cannot use and tries it again."""
+    for candidate in (path, *path.parents):
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        if stat.S_ISDIR(mode):
+            return None
+        kind = "a file" if stat.S_ISREG(mode) else "a special file"
+        if candidate == path:
+            return f"{path} is {kind}, not a directory"
+        return f"{path} cannot be a directory: {candidate} is {kind}"
+    return None
+
+
 class Settings(BaseSettings):
     """The whole effective configuration of one edged instance."""
 
@@ -219,11 +245,23 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    state_dir: Path = Field(default_factory=_default_state_dir)
+    # What can never be a directory (a file, or a file where a parent should
+    # be) is a configuration error, found before the daemon starts; storage
+    # that fails at run time (full, read-only, unwritable) is a condition the
+    # daemon reports and retries.
+    state_dir: Path = Field(default_factory=_default_state_dir, validate_default=True)
     # A state directory that failed (full, read-only, unwritable, corrupt) is
     # tried again this often; meanwhile transcripts and audio wait in memory.
     state_retry_s: float = Field(default=30.0, ge=1.0, le=3600.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("state_dir")
+    @classmethod
+    def _can_be_a_directory(cls, path: Path) -> Path:
+        why = _why_not_a_directory(path)
+        if why:
+            raise PydanticCustomError("not_a_directory", why)
+        return path
 
     @classmethod
     def settings_customise_sources(
@@ -414,36 +452,45 @@ class FileLayers:
     devices: list[tuple[str, dict[str, dict[str, Any]]]]  # (file, {device id: table})
 
 
-def _file_layers(paths: Sequence[Path]) -> FileLayers:
+def _file_layers(paths: Sequence[Path], problems: list[ConfigError]) -> FileLayers:
+    """The files' layers; a file that cannot be read or parsed is a problem
+    and is left out (the other files are still checked)."""
     base: list[Layer] = []
     devices: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for path in paths:
         source = str(path)
-        tree = _read_toml(path, source)
+        try:
+            tree = _read_toml(path, source)
+        except ConfigError as error:
+            problems.append(error)
+            continue
         device_tables = tree.pop("devices", {})
         if not isinstance(device_tables, dict) or not all(
             isinstance(table, dict) for table in device_tables.values()
         ):
-            raise ConfigError('must be tables like [devices."<id>"]', key="devices", source=source)
+            problems.append(ConfigError('must be tables like [devices."<id>"]', key="devices",
+                                        source=source))
+            device_tables = {}
         base.append(Layer(source, dict(_flatten(tree))))
         devices.append((source, device_tables))
     return FileLayers(base, devices)
 
 
-def _env_layer(environ: Mapping[str, str]) -> Layer:
+def _env_layer(environ: Mapping[str, str], problems: list[ConfigError]) -> Layer:
     values: dict[str, Any] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         parts = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
         if not all(parts):
-            raise ConfigError("malformed variable name", key=name, source=ENV_SOURCE)
+            problems.append(ConfigError("malformed variable name", key=name, source=ENV_SOURCE))
+            continue
         dotted = ".".join(parts)
         if raw.startswith("{"):  # a table such as EDGED_STT__PARAMS='{"language": "de"}'
             try:
                 values[dotted] = json.loads(raw)
             except ValueError:
-                raise ConfigError("not valid JSON", key=name, source=ENV_SOURCE) from None
+                problems.append(ConfigError("not valid JSON", key=name, source=ENV_SOURCE))
         else:
             values[dotted] = _env_value(dotted, raw)
     return Layer(ENV_SOURCE, dict(_flatten(_unflatten(values))))
@@ -498,9 +545,45 @@ def default_config_paths(directory: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """A secret this process may not read, though the service may: a key file
+    readable by root or the edged user only, or the credentials that
+    edged.service loads (root only). `edged check-config` run by another user
+    names it and checks the rest."""
+
+    secret: str  # the secret key it would fill in: stt.api_key, mqtt.password
+    key: str  # the key that names it: stt.api_key_file, or the secret itself
+    source: str
+    path: Path
+    reason: str
+    who: str  # who can read it: "root or as the edged user", "root"
+
+    @property
+    def message(self) -> str:
+        what = "it" if str(self.path) in self.source else str(self.path)
+        return f"cannot read {what}: {self.reason} (run as {self.who})"
+
+    def __str__(self) -> str:
+        return f"{self.key} (from {self.source}): {self.message}"
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A key file that supplied a secret (stt.api_key_file, mqtt.password_file)."""
+
+    key: str
+    source: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class LoadedConfig:
     settings: Settings
     layers: list[Layer]  # lowest priority first
+    # Secrets this process could not read (only with load_config(unreadable_ok=True),
+    # and the installed credentials read outside systemd by another user).
+    unreadable: list[Unreadable] = field(default_factory=list)
+    secret_files: list[SecretFile] = field(default_factory=list)
 
     def source_of(self, dotted: str) -> str:
         return _source_of(self.layers, dotted)
@@ -531,36 +614,52 @@ def load_config(
     *,
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    unreadable_ok: bool = False,
 ) -> LoadedConfig:
-    """Build the effective settings, or raise ConfigError naming key and source.
+    """Build the effective settings, or raise ConfigError naming every
+    problem, each with its key and source (`ConfigError.problems`).
 
     `config_paths` None means the default files, each skipped when absent; a
-    path given explicitly must exist.
+    path given explicitly must exist. With `unreadable_ok`, a key file this
+    process has no permission to read is not an error but listed in
+    `LoadedConfig.unreadable` (its secret is then unknown): for
+    `check-config` run by a user other than the service's, and for commands
+    that need no secret.
     """
     environ = os.environ if environ is None else environ
     if config_paths is None:
         paths = default_config_paths(config_directory(environ))
     else:
         paths = list(config_paths)
-    files = _file_layers(paths)
-    env = _env_layer(environ)
+    problems: list[ConfigError] = []
+    files = _file_layers(paths, problems)
+    env = _env_layer(environ, problems)
     flag_layer = Layer("command line", {k: v for k, v in (flags or {}).items() if v is not None})
     for layer in [*files.base, env, flag_layer]:
-        _validate_layer(layer)
+        problems += _layer_problems(layer)
 
     device_id = _pick_device_id([*files.base, env, flag_layer])
-    device_layers = _device_layers(files, device_id)
-    layers = [*files.base, *device_layers, env, flag_layer]
-    layers = _resolve_secret_files(layers)
-
-    token = _LAYERS.set(layers)
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        raise _config_error(error.errors(), layers) from None
-    finally:
-        _LAYERS.reset(token)
-    return LoadedConfig(settings, layers)
+    device_layers = _device_layers(files, device_id, problems)
+    unreadable: list[Unreadable] = []
+    credentials = _credential_layers(environ, [env, flag_layer], problems, unreadable)
+    layers = [*files.base, *device_layers, *credentials, env, flag_layer]
+    secret_files: list[SecretFile] = []
+    for file_key, secret_key in SECRET_FILES.items():
+        layers = _resolve_secret_file(layers, file_key, secret_key, problems,
+                                      unreadable if unreadable_ok else None, secret_files)
+    if not problems:
+        token = _LAYERS.set(layers)
+        try:
+            settings = Settings()
+        except ValidationError as error:
+            problems = _problems(error.errors(), layers)
+        finally:
+            _LAYERS.reset(token)
+    if problems:
+        failure = ConfigError.of(problems)
+        failure.warnings = [str(note) for note in unreadable]
+        raise failure
+    return LoadedConfig(settings, layers, unreadable, secret_files)
 
 
 def _pick_device_id(layers: Sequence[Layer]) -> str | None:
@@ -570,35 +669,35 @@ def _pick_device_id(layers: Sequence[Layer]) -> str | None:
     return None
 
 
-def _device_layers(files: FileLayers, device_id: str | None) -> list[Layer]:
+def _device_layers(files: FileLayers, device_id: str | None,
+                   problems: list[ConfigError]) -> list[Layer]:
     device_id = device_id or socket.gethostname()
     layers = []
     for source, tables in files.devices:
         for table_id, table in tables.items():
             values = dict(_flatten(table))
-            for key in values:
-                if key.startswith("device.") or key.startswith("devices"):
-                    raise ConfigError(
-                        "cannot be set inside a device section",
-                        key=f'devices."{table_id}".{key}',
-                        source=source,
-                    )
+            misplaced = [key for key in values
+                         if key.startswith("device.") or key.startswith("devices")]
+            problems += [ConfigError("cannot be set inside a device section",
+                                     key=f'devices."{table_id}".{key}', source=source)
+                         for key in misplaced]
+            for key in misplaced:
+                del values[key]
             layer = Layer(f'{source} [devices."{table_id}"]', values)
             # Every device's section, not only ours: the file serves them all.
-            _validate_layer(layer)
+            problems += _layer_problems(layer)
             if table_id == device_id:
                 layers.append(layer)
     return layers
 
 
-def _validate_layer(layer: Layer) -> None:
+def _layer_problems(layer: Layer) -> list[ConfigError]:
     """One source on its own: each key it sets must exist and each value must
     fit its field, whatever a higher source does with that key. Rules across
     fields (cert_file with key_file) are left to the merged configuration:
     one layer may hold half of a pair."""
     errors = _layer_errors(layer.values)
-    if errors:
-        raise _config_error(errors, [layer])
+    return _problems(errors, [layer]) if errors else []
 
 
 def _layer_errors(values: Mapping[str, Any]) -> list[ErrorDetails]:
@@ -631,59 +730,140 @@ def _dotted(detail: ErrorDetails) -> str:
     return ".".join(loc)
 
 
-def _resolve_secret_files(layers: list[Layer]) -> list[Layer]:
-    for file_key, secret_key in SECRET_FILES.items():
-        layers = _resolve_secret_file(layers, file_key, secret_key)
-    return layers
+# ---------------------------------------------------------------------------
+# Secrets from files and from systemd credentials.
+#
+# The rule, in one place (README "Secrets" says the same): the API key
+# (stt.api_key) and the MQTT password (mqtt.password) come, highest first,
+# from a flag or the environment (the secret itself, or its *_file key);
+# else the systemd credential stt_api_key / mqtt_password; else the config
+# files (the device section, then the files), again the secret or its file.
+# edged.service loads the credentials with LoadCredential= from
+# /etc/edged/credentials/<name> (root only, 0600, written by scripts/install);
+# systemd hands them over in $CREDENTIALS_DIRECTORY. Outside systemd (edged
+# check-config in a shell, edged run by hand) edged reads that same source
+# directory, <configuration directory>/credentials, so that both see the key
+# the service uses. A blank credential is no credential: the unit gives each
+# one a blank default (SetCredential=) so that a missing file does not stop it.
+
+CREDENTIALS = {"stt.api_key": "stt_api_key", "mqtt.password": "mqtt_password"}
+CREDENTIALS_SUBDIRECTORY = "credentials"
+SERVICE_USER = "edged"
 
 
-def _resolve_secret_file(layers: list[Layer], file_key: str, secret_key: str) -> list[Layer]:
-    """Replace `file_key` (a path) by the secret it holds, in the layer that named it."""
-    for index in range(len(layers) - 1, -1, -1):
-        layer = layers[index]
-        if secret_key in layer.values:
-            return layers  # a secret given directly outranks any file below it
-        if file_key not in layer.values:
-            continue
-        path = Path(str(layer.values[file_key]))
+def credentials_directory(environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """(directory, whether systemd made it): $CREDENTIALS_DIRECTORY under
+    systemd, else the directory edged.service loads its credentials from."""
+    given = environ.get("CREDENTIALS_DIRECTORY", "")
+    if given:
+        return Path(given), True
+    return config_directory(environ) / CREDENTIALS_SUBDIRECTORY, False
+
+
+def _credential_layers(environ: Mapping[str, str], higher: Sequence[Layer],
+                       problems: list[ConfigError],
+                       unreadable: list[Unreadable]) -> list[Layer]:
+    directory, from_systemd = credentials_directory(environ)
+    layers = []
+    for secret_key, name in CREDENTIALS.items():
+        file_key = next(key for key, secret in SECRET_FILES.items() if secret == secret_key)
+        if any(secret_key in layer.values or file_key in layer.values for layer in higher):
+            continue  # the environment or a flag names it: not read at all
+        path = directory / name
+        source = (f"systemd credential {name}" if from_systemd
+                  else f"systemd credential {name} at {path}")
         try:
             mode = path.stat().st_mode
             secret = path.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as error:
+            # Outside systemd, as a user other than root: the service gets it.
+            unreadable.append(Unreadable(secret_key, secret_key, source, path,
+                                         error.strerror or "Permission denied", "root"))
+            continue
         except OSError as error:
-            raise ConfigError(
-                f"cannot read {path}: {error.strerror}", key=file_key, source=layer.source
-            ) from None
-        if mode & stat.S_IROTH:
-            raise ConfigError(
-                f"{path} is readable by every user; chmod o-r it (it holds a secret)",
-                key=file_key,
-                source=layer.source,
-            )
+            problems.append(ConfigError(f"cannot read {path}: {error.strerror}",
+                                        key=secret_key, source=source))
+            continue
+        except UnicodeDecodeError:
+            problems.append(ConfigError(f"{path} is not UTF-8 text", key=secret_key,
+                                        source=source))
+            continue
         if not secret:
-            raise ConfigError(f"{path} is empty", key=file_key, source=layer.source)
-        values = dict(layer.values)
-        values[secret_key] = secret
-        layers = list(layers)
-        layers[index] = Layer(layer.source, values)
-        return layers
+            continue  # the unit's blank default: no file was installed
+        if not from_systemd and mode & stat.S_IROTH:
+            problems.append(ConfigError(
+                f"{path} is readable by every user; chmod 0600 it (it holds a secret)",
+                key=secret_key, source=source))
+            continue
+        layers.append(Layer(source, {secret_key: secret}))
     return layers
 
 
-def _config_error(errors: Sequence[ErrorDetails], layers: Sequence[Layer]) -> ConfigError:
-    first = errors[0]
-    dotted = _dotted(first)
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key" if "." in dotted else "unknown section or key"
-    elif "input" in first:
-        shown = _printable_input(dotted, first["input"])
-        if shown is not None:
-            message = f"{message} (got {shown})"
-    # Alternatives of one parameter's union count as one problem.
-    more = len({_dotted(detail) for detail in errors}) - 1
-    if more:
-        message += f"; and {more} more problem{'s' if more > 1 else ''}"
-    return ConfigError(message, key=dotted, source=_source_of(layers, dotted))
+def _resolve_secret_file(layers: list[Layer], file_key: str, secret_key: str,
+                         problems: list[ConfigError], unreadable: list[Unreadable] | None,
+                         used: list[SecretFile]) -> list[Layer]:
+    """Replace `file_key` (a path) by the secret it holds, in the layer that
+    named it. A file this process may not read goes to `unreadable` when that
+    is given, else it is a problem like any other."""
+    for index in range(len(layers) - 1, -1, -1):
+        if secret_key in layers[index].values:
+            return layers  # a secret given directly outranks any file below it
+        if file_key in layers[index].values:
+            break
+    else:
+        return layers
+    layer = layers[index]
+    if not isinstance(layer.values[file_key], str):
+        return layers  # not a path: the layer's validation said so
+    path = Path(layer.values[file_key])
+    message = None
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text(encoding="utf-8").strip()
+    except PermissionError as error:
+        note = Unreadable(secret_key, file_key, layer.source, path,
+                          error.strerror or "Permission denied",
+                          f"root or as the {SERVICE_USER} user")
+        if unreadable is not None:
+            unreadable.append(note)
+            return layers
+        message = note.message
+    except OSError as error:
+        message = f"cannot read {path}: {error.strerror}"
+    except UnicodeDecodeError:
+        message = f"{path} is not UTF-8 text"
+    else:
+        if mode & stat.S_IROTH:
+            message = f"{path} is readable by every user; chmod o-r it (it holds a secret)"
+        elif not secret:
+            message = f"{path} is empty"
+    if message:
+        problems.append(ConfigError(message, key=file_key, source=layer.source))
+        return layers
+    used.append(SecretFile(file_key, layer.source, path))
+    layers = list(layers)
+    layers[index] = Layer(layer.source, {**layer.values, secret_key: secret})
+    return layers
+
+
+def _problems(errors: Sequence[ErrorDetails], layers: Sequence[Layer]) -> list[ConfigError]:
+    """One ConfigError per key that failed, in pydantic's order."""
+    problems: dict[str, ConfigError] = {}
+    for error in errors:
+        dotted = _dotted(error)
+        if dotted in problems:
+            continue  # alternatives of one parameter's union count as one problem
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" if "." in dotted else "unknown section or key"
+        elif "input" in error and error["type"] != "not_a_directory":
+            shown = _printable_input(dotted, error["input"])
+            if shown is not None:
+                message = f"{message} (got {shown})"
+        problems[dotted] = ConfigError(message, key=dotted, source=_source_of(layers, dotted))
+    return list(problems.values())
 
 
 def _printable_input(dotted: str, value: Any) -> str | None:
@@ -709,9 +889,23 @@ def _printable_input(dotted: str, value: Any) -> str | None:
 # Presentation: the effective configuration, secrets masked.
 
 
+class _Unknown:
+    """The value of a secret this process could not read."""
+
+    def __repr__(self) -> str:
+        return "?"
+
+
+UNKNOWN: Any = _Unknown()
+
+
 def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, printable value, source) for every setting."""
+    """(dotted key, printable value, source) for every setting; a secret this
+    process could not read is `UNKNOWN`."""
     data = loaded.settings.model_dump(mode="json")
+    unknown: dict[str, Unreadable] = {}
+    for note in loaded.unreadable:
+        unknown.setdefault(note.secret, note)  # the first is the highest source
     for dotted, value in _flatten(data):
         if dotted in SECRET_KEYS:
             value = MASK if value is not None else None
@@ -720,8 +914,91 @@ def effective_items(loaded: LoadedConfig) -> Iterator[tuple[str, Any, str]]:
         elif dotted == "stt.params":
             value = mask_params(value)
         source = loaded.source_of(dotted)
+        if dotted in unknown:
+            note = unknown[dotted]
+            where = note.source if note.key == dotted else f"{note.path} via {note.source}"
+            yield dotted, UNKNOWN, f"{where}: this user cannot read it"
+            continue
         file_key = next((f for f, secret in SECRET_FILES.items() if secret == dotted), None)
-        if file_key and source != DEFAULT_SOURCE and source == loaded.source_of(file_key):
-            section, key = file_key.split(".")
-            source = f"{getattr(getattr(loaded.settings, section), key)} via {source}"
+        layer = _layer_of(loaded.layers, dotted)
+        if file_key and layer is not None and file_key in layer.values:
+            source = f"{layer.values[file_key]} via {_describe(layer, file_key)}"
+        secret_key = SECRET_FILES.get(dotted)
+        if secret_key and value is not None and secret_key not in unknown:
+            # A key file below a higher source of its secret is not read.
+            secret_layer = _layer_of(loaded.layers, secret_key)
+            if secret_layer is not None and dotted not in secret_layer.values:
+                source += f" (not used: {secret_key} comes from {loaded.source_of(secret_key)})"
         yield dotted, value, source
+
+
+def _layer_of(layers: Sequence[Layer], dotted: str) -> Layer | None:
+    return next((layer for layer in reversed(layers) if dotted in layer.values), None)
+
+
+# ---------------------------------------------------------------------------
+# Warnings: what is valid but will not work as meant.
+
+
+def is_local_host(host: str) -> bool:
+    """localhost (and *.localhost), 127.0.0.0/8, ::1."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def missing_key_warning(loaded: LoadedConfig) -> str | None:
+    """A service on another machine and no API key anywhere (stt.api_key,
+    its file, the credential, or by shape in stt.url and stt.params): every
+    session would be refused. A local server (edged stt-server) may need none."""
+    settings = loaded.settings
+    if settings.api_key or stt_credentials(settings.stt):
+        return None
+    if any(note.secret == "stt.api_key" for note in loaded.unreadable):  # noqa: S105
+        return None  # there may be one; check-config names what it could not read
+    host = urlsplit(settings.stt.url).hostname or ""
+    if is_local_host(host):
+        return None
+    return (f"stt.url (from {loaded.source_of('stt.url')}) is on {host}, and no API key is "
+            "set: install it with `sudo scripts/install --api-key-stdin` (the systemd "
+            "credential stt_api_key), or set stt.api_key_file or EDGED_STT__API_KEY")
+
+
+_INSTALL_OPTION = {"stt.api_key_file": "--api-key-file",
+                   "mqtt.password_file": "--mqtt-password-file"}
+
+
+def service_user_warnings(loaded: LoadedConfig, user: str = SERVICE_USER) -> list[str]:
+    """Key files the service's user (edged.service's User=) could not read,
+    though this process could: the service would exit 78 on them. Nothing
+    when there is no such user (edged not installed as a service)."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return []
+    if os.geteuid() == account.pw_uid:
+        return []
+    groups = set(os.getgrouplist(user, account.pw_gid))
+    warnings = []
+    for used in loaded.secret_files:
+        try:
+            info = used.path.stat()
+        except OSError:
+            continue
+        if info.st_uid == account.pw_uid:
+            readable = bool(info.st_mode & stat.S_IRUSR)
+        elif info.st_gid in groups:
+            readable = bool(info.st_mode & stat.S_IRGRP)
+        else:
+            readable = bool(info.st_mode & stat.S_IROTH)
+        if not readable:
+            warnings.append(
+                f"{used.key} (from {used.source}): the {user} user, which edged.service runs "
+                f"as, cannot read {used.path}: chgrp {user} and chmod 0640 it, or install it "
+                f"as a systemd credential (sudo scripts/install {_INSTALL_OPTION[used.key]} "
+                f"{used.path})")
+    return warnings

@@ -7,6 +7,8 @@ is fatal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd must not restart on it
 
 
@@ -33,6 +35,20 @@ class ConfigError(EdgedError):
         elif source:
             where = f"{source}: "
         super().__init__(f"{where}{message}")
+        self.problems: list[ConfigError] = [self]
+        self.warnings: list[str] = []  # what could not be checked, said beside the problems
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigError]) -> ConfigError:
+        """One error standing for several: each is in `problems` (the command
+        line prints one line per problem), and its text joins them with "; "
+        (for a log line)."""
+        if len(problems) == 1:
+            return problems[0]
+        error = cls("; ".join(str(problem) for problem in problems))
+        error.key, error.source = problems[0].key, problems[0].source
+        error.problems = [p for problem in problems for p in problem.problems]
+        return error
 
 
 class CaptureError(EdgedError):

@@ -24,6 +24,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"missing tools {missing}: run scripts/test, which installs them")
 
 
+@pytest.fixture(autouse=True)
+def _no_installed_credentials(tmp_path_factory: pytest.TempPathFactory,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside systemd edged reads the installed credentials
+    (/etc/edged/credentials); a test never sees the key of a machine where
+    edged is installed. Tests of credentials set CREDENTIALS_DIRECTORY."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path_factory.mktemp("credentials")))
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosquitto = Mosquitto(tmp_path / "mosquitto").start()
