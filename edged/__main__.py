@@ -1,5 +1,3 @@
-import sys
+from edged.cli import entry
 
-from edged.cli import main
-
-sys.exit(main())
+entry()

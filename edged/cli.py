@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from edged import __version__
-from edged.config import (
-    UNKNOWN,
-    LoadedConfig,
-    Settings,
-    effective_items,
-    load_config,
-    missing_key_warning,
-    service_user_warnings,
-)
 from edged.errors import EX_CONFIG, ConfigError
-from edged.logs import setup_logging
+
+# Each command imports what it needs when it runs (pydantic, ALSA, paho,
+# asyncio are most of a start on a Pi Zero), so `monitor`, `check-config`
+# and `doctor` start quickly and a signal in the first instant meets our
+# handler, not an import half done.
+if TYPE_CHECKING:
+    from edged.config import LoadedConfig, Settings
 
 log = logging.getLogger("edged")
 
@@ -55,6 +51,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, *, unreadable_ok: bool = False) -> LoadedConfig:
+    from edged.config import load_config
+
     return load_config(args.config, flags=_flags(args), unreadable_ok=unreadable_ok)
 
 
@@ -67,6 +65,12 @@ def _config_failed(error: ConfigError) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from edged.config import missing_key_warning
+    from edged.logs import setup_logging
+
     try:
         loaded = _load(args)
     except ConfigError as error:
@@ -102,6 +106,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     edged user, the installed credentials for root) is a warning, not an
     error: the service may well read it. Exit 0 then means that all this
     user could read is valid."""
+    import json
+
+    from edged.config import UNKNOWN, effective_items, missing_key_warning, service_user_warnings
+
     try:
         loaded = _load(args, unreadable_ok=True)
     except ConfigError as error:
@@ -151,6 +159,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_stt_server(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    from edged.logs import setup_logging
+
     setup_logging(args.log_level)
     api_key = None
     if args.api_key_file:
@@ -248,11 +261,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    # Out at once, from wherever the signal landed: raising here instead
+    # could land inside an import, a weakref callback or a C extension,
+    # where the exception is swallowed or reported with a traceback. Nothing
+    # durable is open before a command installs its own handlers.
+    os.write(2, f"edged: interrupted ({signal.Signals(signum).name})\n".encode())
+    os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Any command ends cleanly on SIGINT or SIGTERM at any moment: status
+    128 + the signal, one line, no traceback. The daemon and the monitor put
+    their own handlers in place once they are up (the daemon to stop in
+    order, the monitor to give the terminal back)."""
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     args = build_parser().parse_args(argv)
     status: int = args.handler(args)
     return status
 
 
+def entry() -> None:
+    """The `edged` command: `main`, then out at once with its status. A
+    signal that lands while the interpreter winds down (or an interrupt
+    that landed inside an import or a C extension) could otherwise be
+    reported again on the way out, as a second exit status."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

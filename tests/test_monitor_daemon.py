@@ -53,3 +53,34 @@ def test_monitor_shows_level_state_and_transcripts_of_the_daemon(
     finally:
         subprocess.run(["tmux", "-S", str(socket), "kill-server"], capture_output=True,
                        timeout=20, check=False)
+
+
+def test_monitor_writes_plain_lines_when_its_output_is_not_a_terminal(
+    stack: Stack, mic: FifoMic
+) -> None:
+    import os
+    import signal
+
+    config = stack.config()
+    daemon = stack.daemon()
+    daemon.wait_for_log("stt.connected")
+    log = stack.home / "monitor.out"
+    with log.open("wb") as out:
+        monitor = subprocess.Popen(
+            [sys.executable, "-m", "edged", "monitor", "--config", str(config)],
+            env={**os.environ, "HOME": str(stack.home)}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            audio, _ = script([["charlie"]], pause_s=0.5)
+            mic.play(audio)
+            deadline = time.monotonic() + 30
+            while "Charlie." not in log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                time.sleep(0.1)
+        finally:
+            monitor.send_signal(signal.SIGTERM)
+            status = monitor.wait(10)
+    text = log.read_text(errors="replace")
+    assert status == 0
+    assert "\x1b[" not in text, "no escape sequences into a file or a pipe"
+    assert "Traceback" not in text
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in text.splitlines()), text

@@ -43,7 +43,7 @@ def run_doctor(config_paths: Sequence[Path] | None, flags: Mapping[str, Any], *,
             checks.append(check)
             if not as_json:
                 print(line(check, dash), flush=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT when run in-process (the command exits at once)
         print("edged doctor: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     ok = not any(check.failed for check in checks)

@@ -166,7 +166,8 @@ class _Screen:
     def draw(self, frame: dict[str, Any]) -> None:
         size = shutil.get_terminal_size()
         # One column spare: writing the last one leaves some terminals about to wrap.
-        lines = render(frame, size.columns - 1)[: max(size.lines, 1)]
+        lines = [*render(frame, size.columns - 1), "", "Ctrl-C quits"]
+        lines = lines[: max(size.lines, 1)]
         self._write("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
 
     @staticmethod
@@ -176,6 +177,32 @@ class _Screen:
         encoding = sys.stdout.encoding or "utf-8"
         sys.stdout.buffer.write(text.encode(encoding, errors="replace"))
         sys.stdout.buffer.flush()
+
+
+class _PlainLines(_Screen):
+    """Output that is not a terminal (a pipe, a log, `watch`): no escape
+    sequences, one line per second at most, and only when something changed."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self) -> None:
+        self._last = ""
+        self._printed_at = 0.0
+
+    def __enter__(self) -> _Screen:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def draw(self, frame: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self._printed_at < self.PERIOD_S:
+            return
+        line = " | ".join(part for part in render(frame, 500) if part and part != HINT)
+        if line != self._last:
+            self._last, self._printed_at = line, now
+            self._write(time.strftime("%H:%M:%S ") + line + "\n")
 
 
 # -- the daemon's socket --------------------------------------------------------------
@@ -313,8 +340,9 @@ def run_monitor(socket_path: Path, audio_device: str, chunk_ms: int) -> int:
     if threading.current_thread() is threading.main_thread():
         # `kill` ends it as Ctrl-C does, leaving the terminal as it was.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with _Screen() as screen:
+        with (_Screen() if sys.stdout.isatty() else _PlainLines()) as screen:
             _Monitor(socket_path, settings, screen).run()
     except KeyboardInterrupt:
         return 0

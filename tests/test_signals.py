@@ -1,0 +1,39 @@
+"""Every command ends cleanly on SIGINT or SIGTERM at any moment, from the
+first instant: no traceback, a status that says so."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+COMMANDS = [["check-config"], ["monitor"], ["doctor", "--seconds", "0.5"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_signal_at_any_moment_of_a_start_ends_it_cleanly(tmp_path: Path,
+                                                           command: list[str]) -> None:
+    config = tmp_path / "edged.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[stt]\nurl = "ws://127.0.0.1:9/v1/listen"\n'
+                      '[mqtt]\nhost = "127.0.0.1"\nport = 9\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGED_")}
+    env.update(HOME=str(tmp_path), CREDENTIALS_DIRECTORY=str(tmp_path))
+    rng = random.Random(11)
+    for signum in [signal.SIGINT, signal.SIGTERM] * 4:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edged", *command[:1], "--config", str(config), *command[1:]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # no terminal's SIGINT disposition inherited
+        )
+        time.sleep(rng.uniform(0.0, 0.4))  # a random moment of the start (fault timing)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+        text = stderr.decode(errors="replace")
+        assert "Traceback" not in text, text
+        assert process.returncode in (0, 1, 78, 128 + signum), (signum, process.returncode, text)
