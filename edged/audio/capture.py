@@ -197,6 +197,8 @@ class Capture:
                             loggable(error))
                 return
             if stopping():  # a read blocks a period: look after it, not before
+                if batch:  # what was gathered goes to the buffer: a stop loses none of it
+                    self._hand_over(b"".join(batch))
                 return
             if length < 0:
                 # Overrun (-EPIPE): we were too slow and ALSA dropped samples.
