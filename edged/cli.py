@@ -213,6 +213,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edged.doctor.report import run_doctor
 
+    # Up now: an interrupt ends the checks in order (the microphone closed,
+    # one line said) rather than at once.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
     return run_doctor(args.config, _flags(args), seconds=args.seconds, as_json=args.json)
 
 
@@ -299,6 +304,10 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     # durable is open before a command installs its own handlers.
     os.write(2, f"edged: interrupted ({signal.Signals(signum).name})\n".encode())
     os._exit(128 + signum)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
