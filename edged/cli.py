@@ -27,7 +27,8 @@ log = logging.getLogger("edged")
 # Flags that set configuration keys: (flag, dotted key, type, help)
 _SETTING_FLAGS: list[tuple[str, str, type, str]] = [
     ("--device-id", "device.id", str, "device id used in MQTT topics"),
-    ("--audio-device", "audio.device", str, "ALSA capture PCM, e.g. plughw:1,0"),
+    ("--audio-device", "audio.device", str,
+     "ALSA capture PCM, e.g. plughw:1,0 (default auto: the first card that can capture)"),
     ("--stt-url", "stt.url", str, "WebSocket endpoint of the STT service"),
     ("--mqtt-host", "mqtt.host", str, "MQTT broker host"),
     ("--mqtt-port", "mqtt.port", int, "MQTT broker port"),
@@ -149,6 +150,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for index, name in zip(alsaaudio.card_indexes(), cards, strict=False):
         long_name = alsaaudio.card_name(index)[1] if hasattr(alsaaudio, "card_name") else name
         print(f"  card {index}: {name} ({long_name})   -> audio.device = \"plughw:{index},0\"")
+    from edged.audio import devices
+
+    capture_cards = devices.cards()
+    chosen = devices.pick(capture_cards)
+    print("\nCards that can capture (audio.device = \"auto\" picks the first USB one, "
+          "else the first):")
+    for card in capture_cards:
+        mark = "   <- auto picks this" if card is chosen else ""
+        print(f"  card {card.index} [{card.id}]: {card.name}{' (USB)' if card.usb else ''}"
+              f"   -> {card.pcm}{mark}")
+    if not capture_cards:
+        print("  (none: auto falls back to \"default\")")
     print("\nCapture PCMs (usable as audio.device):")
     for pcm in alsaaudio.pcms(alsaaudio.PCM_CAPTURE):
         hint = ""
@@ -200,6 +213,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edged.doctor.report import run_doctor
 
+    # Up now: an interrupt ends the checks in order (the microphone closed,
+    # one line said) rather than at once.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
     return run_doctor(args.config, _flags(args), seconds=args.seconds, as_json=args.json)
 
 
@@ -218,16 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="capture, transcribe and publish (the daemon)")
+    run = commands.add_parser(
+        "run", help="capture, transcribe and publish (the daemon)",
+        description="Capture from the microphone, stream it to the STT service and publish "
+                    "the final transcripts to MQTT until SIGTERM or SIGINT (exit 0); a bad "
+                    "configuration exits 78. Under systemd this is edged.service.")
     _add_config_arguments(run)
     run.set_defaults(handler=cmd_run)
 
-    check = commands.add_parser("check-config", help="validate and print the configuration")
+    check = commands.add_parser(
+        "check-config", help="validate and print the configuration",
+        description="Print every configuration value with its source (secrets masked), then "
+                    "warnings; exit 78 listing every problem. Run as root or as the edged "
+                    "user to check the secrets too.")
     _add_config_arguments(check)
     check.set_defaults(handler=cmd_check_config)
 
     monitor = commands.add_parser(
-        "monitor", help="live input level, connection states and transcripts"
+        "monitor", help="live input level, connection states and transcripts",
+        description="A live view for setting up a microphone: the input level in dBFS, "
+                    "clipping, connection states and the last transcripts, from the running "
+                    "daemon's socket, or from the microphone itself when no daemon runs. "
+                    "Ctrl-C quits. Into a file or a pipe it writes one plain line a second."
     )
     _add_config_arguments(monitor)
     monitor.set_defaults(handler=cmd_monitor)
@@ -247,11 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of microphone level to measure (default 3)")
     doctor.set_defaults(handler=cmd_doctor)
 
-    devices = commands.add_parser("devices", help="list ALSA capture devices")
+    devices = commands.add_parser(
+        "devices", help="list ALSA capture devices",
+        description="List the sound cards, the cards that can capture (marking the one "
+                    "audio.device = \"auto\" picks) and the capture PCMs ALSA knows.")
     devices.set_defaults(handler=cmd_devices)
 
     server = commands.add_parser(
-        "stt-server", help="run a local router.audio-compatible STT server (PocketSphinx)"
+        "stt-server", help="run a local router.audio-compatible STT server (PocketSphinx)",
+        description="A local server speaking router.audio's streaming protocol on "
+                    "/v1/listen, recognising US English with PocketSphinx: for the demo, the "
+                    "tests, and a device with no cloud account."
     )
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8765)
@@ -268,6 +304,10 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     # durable is open before a command installs its own handlers.
     os.write(2, f"edged: interrupted ({signal.Signals(signum).name})\n".encode())
     os._exit(128 + signum)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

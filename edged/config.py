@@ -82,7 +82,8 @@ class DeviceSettings(_Section):
 
 
 class AudioSettings(_Section):
-    device: str = Field(default="default", min_length=1)
+    # "auto": the first card that can capture, USB first (edged.audio.devices).
+    device: str = Field(default="auto", min_length=1)
     chunk_ms: int = Field(default=100, ge=20, le=250)
     # Exact digital silence (or one stuck value) this long: a dead or muted
     # microphone, reported. A quiet room is never exactly silent. 0: off.

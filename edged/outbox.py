@@ -143,6 +143,10 @@ class Outbox:
                 and quarantine(self.path, "not_a_file") is None):
             raise IsADirectoryError(21, "not a file", str(self.path))
         created = not self.path.exists()
+        if not created and not _has_sqlite_header(self.path):
+            # Before SQLite touches it: a connection that fails on a garbled
+            # header deletes the -wal as it closes, and the finals in it with it.
+            raise _Corrupt("not an SQLite file (garbled header)")
         db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
@@ -199,6 +203,7 @@ class Outbox:
             if moved is not None and companion.exists():
                 companion.rename(moved.with_name(moved.name + suffix))
         self.previous_stream = previous
+        self._disk_depth = 0  # those rows are in the quarantined file now
         if moved is None:
             self.health.failed(STORE, _Corrupt(why), "open")
             return StreamInfo(new_stream_id(), 0, 0, 0)
@@ -456,6 +461,19 @@ class Outbox:
             except (sqlite3.Error, OSError) as error:
                 self.health.failed(STORE, error, "close", self.path.parent)
         self._close_db()
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _has_sqlite_header(path: Path) -> bool:
+    """Whether the file starts as an SQLite database does (an empty one too)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(_SQLITE_MAGIC))
+    except OSError:
+        return True  # unreadable: let SQLite say why
+    return not head or head == _SQLITE_MAGIC
 
 
 def _salvage(path: Path) -> tuple[list[OutboxItem], StreamInfo | None]:

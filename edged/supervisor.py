@@ -286,6 +286,8 @@ class Daemon:
         gated = self.gate is not None
         if gated and self.session.stats.state == "idle":
             return "listening"  # no speech, so no session: nothing billed
+        if self.session.stats.state == "connecting":
+            return "connecting"  # not yet connected since the start
         if self.session.stats.state != "connected":
             return "reconnecting"
         if gated and self.gate is not None and not self.gate.in_speech:

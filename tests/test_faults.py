@@ -46,7 +46,7 @@ def test_rate_limited_connect_waits_as_long_as_retry_after_says(
 ) -> None:
     stt.faults.refuse_status, stt.faults.refuse_count, stt.faults.retry_after = 429, 1, "3"
     daemon = stack.daemon()
-    daemon.wait_for_log("stt.disconnected")
+    daemon.wait_for_log("stt.connect_failed")
     refused_at = time.monotonic()
     daemon.wait_for_log("stt.connected", timeout=15)
     waited = time.monotonic() - refused_at

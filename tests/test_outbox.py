@@ -184,3 +184,20 @@ def test_a_full_disk_keeps_finals_in_memory_until_there_is_room(tmp_path: Path) 
         outbox.close()
         again = Outbox(state / "outbox.sqlite3")
         assert [i.seq for i in again.pending()] == [first.seq] + [i.seq for i in kept]
+
+
+def test_a_garbled_header_keeps_the_write_ahead_log_with_the_quarantined_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    outbox = Outbox(path)
+    outbox.add(render, 0)
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size, "the final sits in the WAL (a crash)"
+    kept_wal = wal.read_bytes()
+    data = bytearray(path.read_bytes())
+    data[:16] = b"garbled header!!"
+    path.write_bytes(bytes(data))
+    Outbox(path)
+    (damaged,) = tmp_path.glob("outbox.sqlite3.damaged-*[0-9]")
+    assert damaged.with_name(damaged.name + "-wal").read_bytes() == kept_wal

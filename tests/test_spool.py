@@ -254,3 +254,16 @@ def test_full_disk_degrades_to_memory_says_so_and_comes_back(tmp_path: Path) -> 
     buffer.append(pcm(0.1))
     assert spool.start == SECOND
     assert spool.end == buffer.head
+
+
+def test_a_file_with_nothing_readable_is_put_aside_once_not_counted_at_every_start(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "00000001.spool").write_bytes(bytes(range(256)) * 4)
+    first = Spool(tmp_path, 10 * MB)
+    first.recover(STREAM, 0)
+    assert not list(tmp_path.glob("*.spool"))
+    assert len(list(tmp_path.glob("*.spool.damaged-*"))) == 1
+    again = Spool(tmp_path, 10 * MB)
+    again.recover(STREAM, 0)
+    assert again.dropped == 0, "counted once, by the start that found it"

@@ -103,7 +103,7 @@ def test_wss_certificates_are_verified_by_default(
 ) -> None:
     stack.stt_url = wss_double.url
     daemon = stack.daemon()
-    daemon.wait_for_log("stt.disconnected")
+    daemon.wait_for_log("stt.connect_failed")
     assert "CERTIFICATE_VERIFY_FAILED" in daemon.log
     assert not wss_double.sessions, "no audio to a server we cannot verify"
 

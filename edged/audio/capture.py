@@ -23,6 +23,7 @@ from typing import Any
 import alsaaudio
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
+from edged.audio import devices
 from edged.audio.alsalog import route_alsa_messages
 from edged.config import CHANNELS, SAMPLE_RATE, SAMPLE_WIDTH, AudioSettings
 from edged.errors import CaptureError, CaptureFormatError
@@ -48,11 +49,14 @@ class CaptureStats:
 def open_pcm(settings: AudioSettings) -> Any:
     """Open the capture device and check what ALSA actually negotiated."""
     route_alsa_messages()  # this thread's alsa-lib chatter goes to the log, not stderr
+    device = devices.resolve(settings.device)
+    if device != settings.device:
+        _log_auto_choice(device)
     try:
         pcm = alsaaudio.PCM(
             type=alsaaudio.PCM_CAPTURE,
             mode=alsaaudio.PCM_NORMAL,
-            device=settings.device,
+            device=device,
             rate=SAMPLE_RATE,
             channels=CHANNELS,
             format=alsaaudio.PCM_FORMAT_S16_LE,
@@ -60,18 +64,31 @@ def open_pcm(settings: AudioSettings) -> Any:
             periods=4,
         )
     except alsaaudio.ALSAAudioError as error:
-        raise CaptureError(f"cannot open ALSA device {settings.device!r}: {error}") from None
+        shown = device if device == settings.device else f"{device} (auto)"
+        raise CaptureError(f"cannot open ALSA device {shown!r}: {error}") from None
     info = pcm.info()
     got = (info.get("rate"), info.get("channels"), info.get("format_name"))
     if got != (SAMPLE_RATE, CHANNELS, "S16_LE"):
         pcm.close()
         raise CaptureFormatError(
-            f"device {settings.device!r} offers rate={got[0]} channels={got[1]} "
+            f"device {device!r} offers rate={got[0]} channels={got[1]} "
             f"format={got[2]}, not {SAMPLE_RATE} Hz mono S16_LE; use a device where ALSA "
             f"converts, such as 'plughw:...' instead of 'hw:...', or 'default'",
             key="audio.device",
         )
     return pcm
+
+
+_auto_choice: list[str] = []  # the last PCM `auto` chose: logged when it changes
+
+
+def _log_auto_choice(device: str) -> None:
+    if _auto_choice != [device]:
+        _auto_choice[:] = [device]
+        card = devices.pick(devices.cards())
+        log.info("capture.auto picked=%s card=%s usb=%s", loggable(device),
+                 loggable(card.name) if card else "none (no card can capture)",
+                 str(card.usb).lower() if card else "false")
 
 
 def _worth_retrying(error: BaseException) -> bool:
@@ -180,6 +197,8 @@ class Capture:
                             loggable(error))
                 return
             if stopping():  # a read blocks a period: look after it, not before
+                if batch:  # what was gathered goes to the buffer: a stop loses none of it
+                    self._hand_over(b"".join(batch))
                 return
             if length < 0:
                 # Overrun (-EPIPE): we were too slow and ALSA dropped samples.

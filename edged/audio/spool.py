@@ -141,6 +141,8 @@ class Spool:
             self._next_number = max(self._next_number, _number_of(path) + 1)
             header_stream, found, damage = self._scan(path)
             if header_stream is None and not found:
+                if damage and path.exists():  # nothing readable: aside, once, not every start
+                    quarantine(path, "no readable record")
                 continue
             if header_stream == self.stream_id:
                 # Read in place, damaged or not: positions are ours already. A

@@ -43,9 +43,10 @@ def run_doctor(config_paths: Sequence[Path] | None, flags: Mapping[str, Any], *,
             checks.append(check)
             if not as_json:
                 print(line(check, dash), flush=True)
-    except KeyboardInterrupt:  # SIGINT when run in-process (the command exits at once)
+    except KeyboardInterrupt as interrupt:  # SIGINT, or SIGTERM (edged.cli passes its number)
         print("edged doctor: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else 0
+        return 128 + signum if signum else EXIT_INTERRUPTED
     ok = not any(check.failed for check in checks)
     if as_json:
         print(json.dumps(document(checks), indent=2))

@@ -397,6 +397,11 @@ class SttSession:
         elif isinstance(error, SttRejectedError):
             self.stats.state = "rejected"
             log.error("stt.rejected retry_in=%.0fs error=%s", delay, loggable(error))
+        elif self.stats.sessions == 0:
+            # Never connected yet (service down at boot, a wrong URL): not a
+            # lost connection, and the log and the state say so.
+            self.stats.state = "connecting"
+            log.warning("stt.connect_failed retry_in=%.2fs error=%s", delay, loggable(error))
         else:
             self.stats.state = "disconnected"
             log.warning("stt.disconnected retry_in=%.2fs error=%s", delay, loggable(error))
