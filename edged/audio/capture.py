@@ -176,6 +176,12 @@ class Capture:
                 log.warning("capture.lost device=%s error=%s", self.settings.device, error)
                 return
             if stopping():  # a read blocks a period: look after it, not before
+                # What was read is audio like any other: handed over, not
+                # dropped (a SIGTERM or a new microphone loses none of it).
+                if length > 0 and data:
+                    batch.append(data)
+                if batch:
+                    self._hand_over(b"".join(batch))
                 return
             if length < 0:
                 # Overrun (-EPIPE): we were too slow and ALSA dropped samples.
