@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import re
+import time
 
 from tests.conftest import Stack
 from tests.support.broker import Subscriber
@@ -20,8 +21,9 @@ def test_unasked_clean_close_reconnects_and_loses_nothing(
     audio, truth = script(SEQUENCE)
     offset = mic.play(audio)
     finals = collect_finals(subscriber, len(SEQUENCE), timeout=40)
-    assert len(stt.sessions) >= 3
-    assert_matches_truth(finals, truth, offset)
+    assert len(stt.sessions) == 3, "two closes, two reconnects"
+    assert_matches_truth(finals, truth, offset, mic)
+    assert [final["seq"] for final in finals] == [1, 2, 3, 4]
 
 
 def test_refused_connects_and_malformed_frames_are_survived_and_counted(
@@ -33,15 +35,43 @@ def test_refused_connects_and_malformed_frames_are_survived_and_counted(
     audio, truth = script(SEQUENCE[:2])
     offset = mic.play(audio)
     finals = collect_finals(subscriber, 2, timeout=40)
-    assert_matches_truth(finals, truth, offset)
+    assert_matches_truth(finals, truth, offset, mic)
     assert stt.refused == 2
-    deadline_state = None
-    for _ in range(40):
-        message = subscriber.next("edged/testpi/state", timeout=10)
-        deadline_state = json.loads(message.payload)
-        if deadline_state["malformed_frames"] >= 2:
-            break
-    assert deadline_state is not None
-    assert deadline_state["malformed_frames"] >= 2
-    assert "stt.malformed_frame" in daemon.log
+    assert len(stt.sessions) == 1
+    deadline = time.monotonic() + 10
+    while (state := subscriber.next("edged/testpi/state",
+                                    timeout=deadline - time.monotonic()).json()
+           )["malformed_frames"] < 2:
+        pass
+    assert state["malformed_frames"] == 2, "one after each final"
+    assert "stt.malformed_frame count=2" in daemon.log
+    assert daemon.log.count("stt.disconnected") == 2
     assert "HTTP 503" in daemon.log
+
+
+def test_pings_notice_a_half_open_connection_and_nothing_is_lost(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """The service goes silent with the TCP connection up (nothing read,
+    nothing answered, no FIN, no RST): within two ping intervals the daemon
+    gives up on it, reconnects, and re-sends from the last final."""
+    daemon = stack.daemon(stt={"ping_interval_s": 1.0})
+    audio, truth = script([["alpha", "bravo"]])
+    offset = mic.play(audio)
+    first = collect_finals(subscriber, 1)
+    stt.freeze_connections()
+    frozen_at = time.monotonic()
+    more, more_truth = script([["charlie"], ["delta", "echo"]])
+    more_offset = mic.play(more)
+
+    daemon.wait_for_log("stt.connected session=2", timeout=10)
+    noticed = stt.sessions[1].opened_at - frozen_at
+    # A ping is due within 1 s and unanswered 1 s later; then a backoff of at most 1 s.
+    assert noticed < 3.5, f"a silent connection was noticed after {noticed:.1f}s"
+    assert re.search(r"stt\.disconnected .*error=connection lost: code 1011 keepalive ping "
+                     r"timeout", daemon.log), daemon.log
+    finals = collect_finals(subscriber, 2)
+    assert_matches_truth(first, truth, offset, mic)
+    assert_matches_truth(finals, more_truth, more_offset, mic)
+    assert [final["seq"] for final in first + finals] == [1, 2, 3]
+    assert len(stt.sessions) == 2
