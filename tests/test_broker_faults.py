@@ -6,18 +6,21 @@ with its own (stream_id, seq)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import Stack
-from tests.support.broker import Subscriber
+from tests.support.broker import Subscriber, free_port
 from tests.support.mic import FifoMic
 from tests.support.mqtt_proxy import MqttProxy
+from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import script
 from tests.support.waiting import wait_until
 from tests.test_end_to_end import assert_matches_truth
+from tests.test_metrics import scrape
 from tests.test_restarts import Transcripts
 
 
@@ -137,3 +140,31 @@ def test_a_broker_that_dies_mid_run_loses_no_queued_or_unacknowledged_final(
     assert after.deliveries == 4, "each once after the return"
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
+
+
+def test_a_broker_that_never_acknowledges_holds_at_most_20_transcripts_at_once(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """Hundreds of finals and not one PUBACK: the broker is offered at most the
+    window of 20 (memory stays flat), the rest wait in the outbox on disk."""
+    port = free_port()
+    stt.faults.finals_per_frame = 8  # 32 finals a second
+    proxy = MqttProxy(stack.broker.port, drop_pubacks=True).start()
+    try:
+        daemon = stack.daemon(mqtt={"port": proxy.port, "drain_timeout_s": 1.0},
+                              metrics={"enabled": True, "port": port})
+        daemon.wait_for_log("transcript seq=150", timeout=30)
+        at_the_broker = Transcripts(subscriber)
+        at_the_broker.assert_no_late_deliveries(1.0)  # nothing more is offered
+        assert 0 < len(at_the_broker.by_key) <= 20
+        depth = wait_until(lambda: scrape(port)["edged_outbox_depth"] >= 150 and
+                           scrape(port)["edged_outbox_depth"], "150 transcripts queued")
+        stopped_at = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert time.monotonic() - stopped_at < 10, "a silent broker does not hold up a stop"
+    finally:
+        proxy.stop()
+    kept = re.search(r"mqtt\.unpublished items=(\d+) kept_in_outbox=true", daemon.log)
+    assert kept, daemon.log
+    assert int(kept.group(1)) >= depth, "all of them are kept for the next start"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 from datetime import datetime
 
+import pytest
+
 from tests.conftest import API_KEY, Stack
 from tests.support.broker import Subscriber
 from tests.support.mic import FifoMic
@@ -48,15 +50,15 @@ def assert_matches_truth(finals: list[dict], truth: list[list[SpokenWord]], offs
 
 
 def assert_captured_at(finals: list[dict], truth: list[list[SpokenWord]], offset: float,
-                       mic: FifoMic) -> None:
+                       mic: FifoMic, tolerance: float = TIME_TOLERANCE_S) -> None:
     """Each final's `time` is the wall clock at which its first word was written
     to the microphone (`offset` is where the script starts in the microphone's
-    own stream time), within TIME_TOLERANCE_S; also after a replay."""
+    own stream time), within `tolerance`; also after a replay."""
     for final, utterance in zip(finals, truth, strict=True):
         spoken_at = mic.wall_time(offset + utterance[0].start)
         stamped = datetime.fromisoformat(final["time"]).timestamp()
         assert final["time"].endswith("Z")
-        assert abs(stamped - spoken_at) <= TIME_TOLERANCE_S, (
+        assert abs(stamped - spoken_at) <= tolerance, (
             f"{final['text']!r} stamped {final['time']}, spoken "
             f"{datetime.fromtimestamp(spoken_at).astimezone().isoformat()} "
             f"({stamped - spoken_at:+.2f} s)")
@@ -108,8 +110,9 @@ def test_spoken_sequence_arrives_once_in_order_with_true_times(
     assert not spooled, "no audio may touch the disk while streaming normally"
 
 
-def test_sigterm_mid_utterance_flushes_last_final_before_offline(
-    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_mid_utterance_flushes_the_last_final_before_offline(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber, signum: signal.Signals
 ) -> None:
     daemon = stack.daemon()
     subscriber.next("edged/testpi/availability", payload=b"online")
@@ -117,13 +120,14 @@ def test_sigterm_mid_utterance_flushes_last_final_before_offline(
     audio, truth = script([["golf", "hotel"]], pause_s=0.0)  # no pause: the service has not
     offset = mic.play(audio)  # endpointed yet when SIGTERM comes
     mic.wait_read(offset + truth[0][-1].end)  # the daemon's microphone has the last word
-    daemon.signal(signal.SIGTERM)
+    daemon.signal(signum)
 
     final = subscriber.next(TOPIC, timeout=15).json()
     assert_matches_truth([final], truth, offset, mic)
     assert subscriber.next("edged/testpi/availability", payload=b"offline", timeout=10)
     assert daemon.wait(20) == 0
     assert stt.sessions[-1].finals_on_close == 1, "the final came out of CloseStream"
+    assert f"shutdown.requested reason={signum.name}" in daemon.log
 
 
 def test_lost_connection_resends_from_last_final_without_loss_or_duplicates(
