@@ -52,7 +52,7 @@ def test_rate_limited_connect_waits_as_long_as_retry_after_says(
     daemon = stack.daemon()
     daemon.wait_for_log("stt.connected", timeout=15)
     waited = stt.sessions[0].opened_at - stt.refused_at[0]
-    assert 3.0 <= waited <= 3.5, f"reconnected after {waited:.2f}s; Retry-After: 3"
+    assert 3.0 <= waited <= 4.0, f"reconnected after {waited:.2f}s; Retry-After: 3"
     assert "stt.disconnected retry_in=3.00s error=HTTP 429" in daemon.log
     assert stt.refused == 1
     audio, truth = script([["golf"]])
