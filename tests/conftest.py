@@ -71,9 +71,9 @@ class Stack:
         self.daemons: list[Daemon] = []
         self.mics: list[FifoMic] = []
 
-    def microphone(self) -> FifoMic:
-        """A FIFO-fed ALSA device `testmic` in the daemon's HOME."""
-        mic = FifoMic(self.home, speed=1.0)
+    def microphone(self, name: str = "testmic") -> FifoMic:
+        """A FIFO-fed ALSA device `name` in the daemon's HOME."""
+        mic = FifoMic(self.home, speed=1.0, name=name)
         self.mics.append(mic)
         return mic
 
@@ -90,24 +90,37 @@ class Stack:
                             top={"state_dir": str(self.home / "state")})
 
     def daemon(self, env: dict[str, str] | None = None, wrap: list[str] | None = None,
-               **overrides: dict[str, Any]) -> Daemon:
-        daemon = Daemon(self.home, self.config(**overrides),
-                        env={"EDGED_STT__API_KEY": API_KEY, **(env or {})}, wrap=wrap)
+               api_key: str | None = API_KEY, **overrides: dict[str, Any]) -> Daemon:
+        """Start `edged run`; `api_key=None` leaves the key to the configuration."""
+        for earlier in self.daemons:  # one at a time: each its own part of the log
+            assert earlier.exited(), "start a daemon only once the one before has exited"
+        key = {"EDGED_STT__API_KEY": api_key} if api_key is not None else {}
+        daemon = Daemon(self.home, self.config(**overrides), env={**key, **(env or {})},
+                        wrap=wrap)
         self.daemons.append(daemon)
         return daemon.start()
+
+    def stop(self) -> list[str]:
+        """Stop everything; what each daemon did that its test did not expect."""
+        problems = []
+        # Daemons stop before microphones: a FIFO whose writer is gone makes
+        # alsa-lib's file plugin return stale periods as fast as it can.
+        for number, daemon in enumerate(self.daemons, 1):
+            daemon.stop()
+            print(f"--- edged log, daemon {number} ({daemon.log_path}) ---\n{daemon.log}")
+            problems += [f"daemon {number} {problem}" for problem in daemon.problems()]
+        for mic in self.mics:
+            mic.stop()
+        return problems
 
 
 @pytest.fixture
 def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
     setup = Stack(home, broker, stt.url)
     yield setup
-    # Daemons stop before microphones: a FIFO whose writer is gone makes
-    # alsa-lib's file plugin return stale periods as fast as it can.
-    for daemon in setup.daemons:
-        daemon.stop()
-        print(f"--- edged log ({daemon.log_path}) ---\n{daemon.log}")  # shown on failure
-    for mic in setup.mics:
-        mic.stop()
+    problems = setup.stop()
+    if problems:  # an honest end: the expected exit status, nothing alarming in the log
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

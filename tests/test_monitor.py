@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -454,6 +456,23 @@ def test_terminal_shows_the_microphone_when_no_daemon_runs(tmux: Tmux, short_dir
         mic.stop()
 
 
+def read_until(process: subprocess.Popen[bytes], wanted: bytes, timeout: float) -> bytes:
+    """Read the process's stdout until `wanted` has come; fails after `timeout`."""
+    assert process.stdout is not None
+    fd, got = process.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while wanted not in got:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        if not ready:
+            raise TimeoutError(f"{wanted!r} not on stdout within {timeout}s: {got[-200:]!r}")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"stdout closed before {wanted!r}: {got[-200:]!r}")
+        got += chunk
+    return got
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_monitor_is_interrupted_cleanly_without_a_terminal(
     short_dir: Path, signum: signal.Signals
@@ -469,10 +488,12 @@ def test_monitor_is_interrupted_cleanly_without_a_terminal(
         # with `&`) passes SIGINT on ignored, and Python then keeps it so.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        time.sleep(1.5)
+        # Running, with its handlers in place, once it has drawn its notice.
+        shown = read_until(process, NOTICE_DIRECT.encode(), TIMEOUT_S)
         assert process.poll() is None, process.communicate()
         process.send_signal(signum)
         out, err = process.communicate(timeout=TIMEOUT_S)
+        out = shown + out
     finally:
         if process.poll() is None:
             process.kill()

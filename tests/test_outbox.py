@@ -36,6 +36,7 @@ def test_finals_survive_broker_outage_and_sigkill_restart(
     mic.play(audio)
     while len(logged_seqs(first.log)) < 5:  # the daemon has received all five finals
         first.wait_for_log(f"transcript seq={max(logged_seqs(first.log), default=0) + 1}")
+    first.expect(status=-signal.SIGKILL)
     first.signal(signal.SIGKILL)
     first.wait(10)
 
@@ -51,8 +52,9 @@ def test_finals_survive_broker_outage_and_sigkill_restart(
             received[body["seq"]] = body["text"]
     finally:
         late.close()
-    assert set(logged_seqs(first.log)) <= delivered | set(received)
-    assert [received[seq] for seq in sorted(received)] == ["Charlie.", "Delta echo.", "Foxtrot."]
+    assert logged_seqs(first.log) == [1, 2, 3, 4, 5]
+    assert delivered == {1, 2}
+    assert received == {3: "Charlie.", 4: "Delta echo.", 5: "Foxtrot."}
 
 
 def test_seq_continues_across_restarts(stack: Stack, mic: FifoMic,

@@ -23,10 +23,12 @@ import pytest
 from tests.conftest import Stack
 from tests.support.broker import Subscriber
 from tests.support.daemon import Daemon
+from tests.support.durable import stop_keeping_the_rest
 from tests.support.mic import FifoMic
 from tests.support.powercut_fs import PowerCutFs
 from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import VOCABULARY, script, words_of
+from tests.support.waiting import wait_until
 from tests.test_restarts import Transcripts
 
 # What a cut may take: the last unsynced second (plus a hand-off), and what
@@ -46,6 +48,7 @@ def disk(stack: Stack) -> Iterator[PowerCutFs]:
 
 
 def cut_power(daemon: Daemon, disk: PowerCutFs) -> None:
+    daemon.expect(status=-signal.SIGKILL)
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
     disk.cut()
@@ -75,13 +78,10 @@ def test_cuts_during_an_outage_lose_at_most_about_a_second(
                    + AT_RISK_AFTER_S for cut in cuts) for w in spoken]
     safe = [w.text for w, risky in zip(spoken, at_risk, strict=True) if not risky]
     assert safe[-1] == spoken[-1].text, "the script goes on well past the last cut"
-    deadline = time.monotonic() + 90
-    while not (mic.idle and transcripts.words[-1:] == [spoken[-1].text]):
-        assert time.monotonic() < deadline, f"heard {transcripts.words}, want at least {safe}"
-        time.sleep(0.1)
-        transcripts.poll()
-    time.sleep(2)  # a duplicate under a new seq would show up now
-    transcripts.poll()
+    wait_until(lambda: transcripts.poll() or (mic.idle and transcripts.words[-1:]
+                                              == [spoken[-1].text]),
+               f"the last word, and at least {safe}", timeout=90)
+    transcripts.assert_no_late_deliveries()  # not even under a new seq
 
     heard = transcripts.words
     # Each spoken word at most once and in order; every word not near a cut, for sure.
@@ -92,8 +92,7 @@ def test_cuts_during_an_outage_lose_at_most_about_a_second(
     missing = [w for w in safe if heard.count(w) < safe.count(w)]
     assert not missing, f"lost beyond the last second before a cut: {missing}; cuts at {cuts}"
     assert len({key[0] for key in transcripts.by_key}) == 1, "the outbox survived: one stream"
-    last.signal(signal.SIGTERM)
-    assert last.wait(30) == 0
+    stop_keeping_the_rest(last, stack.home / "state")
 
 
 def test_a_cut_loses_no_committed_final_and_renumbers_none(
@@ -120,12 +119,9 @@ def test_a_cut_loses_no_committed_final_and_renumbers_none(
         second = stack.daemon()
         audio, _ = script([["foxtrot"]])
         mic.play(audio)
-        deadline = time.monotonic() + 30
-        while len([k for k in after.by_key if k[1] >= 3]) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            after.poll()
-        time.sleep(1)
-        after.poll()
+        wait_until(lambda: after.poll() or len([k for k in after.by_key if k[1] >= 3]) == 3,
+                   "seqs 3, 4 and 5", timeout=30)
+        after.assert_no_late_deliveries(1.0)
     finally:
         late.close()
     assert [after.by_key[k]["text"] for k in sorted(after.by_key, key=lambda k: k[1])

@@ -25,9 +25,12 @@ from edged.outbox import Outbox
 from tests.conftest import Stack
 from tests.support.broker import Subscriber
 from tests.support.daemon import Daemon
+from tests.support.durable import stop_keeping_the_rest
 from tests.support.mic import FifoMic
 from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import VOCABULARY, SpokenWord, script, tone, words_of
+from tests.support.waiting import assert_quiet, wait_until
+from tests.test_end_to_end import TIME_TOLERANCE_S, assert_captured_at
 
 TOPIC = "edged/testpi/transcript"
 KILLS = 20
@@ -57,10 +60,26 @@ class Transcripts:
             self.by_key[key] = body
             self.deliveries += 1
 
+    def assert_no_late_deliveries(self, for_s: float = 2.0) -> None:
+        """A quiet period: nothing is delivered again, nothing new (a late
+        duplicate under a new seq would have arrived by then)."""
+        self.poll()
+        known, deliveries = dict(self.by_key), self.deliveries
+
+        def nothing_new() -> bool:
+            self.poll()
+            return self.deliveries == deliveries and self.by_key == known
+
+        assert_quiet(nothing_new, for_s, "no late delivery")
+
+    @property
+    def ordered(self) -> list[dict[str, Any]]:
+        """The transcripts in the order they were spoken."""
+        return [self.by_key[key] for key in sorted(self.by_key, key=self._order)]
+
     @property
     def words(self) -> list[str]:
-        ordered = [self.by_key[key] for key in sorted(self.by_key, key=self._order)]
-        return [word["text"] for final in ordered for word in final["words"]]
+        return [word["text"] for final in self.ordered for word in final["words"]]
 
     def _order(self, key: tuple[str, int]) -> tuple[float, int]:
         return (self.by_key[key]["start"], key[1])
@@ -75,10 +94,12 @@ def safe_to_kill(mic: FifoMic, words: list[SpokenWord], offset: float) -> bool:
 
 def kill(daemon: Daemon, rng: random.Random) -> str:
     how = signal.SIGTERM if rng.random() < 0.2 else signal.SIGKILL
+    if how == signal.SIGKILL:
+        daemon.expect(status=-signal.SIGKILL)
+    else:  # during a replay, it may not get through all of it in stt.close_timeout_s
+        daemon.allow("stt.close_timeout")
     daemon.signal(how)
-    status = daemon.wait(30)
-    if how == signal.SIGTERM:
-        assert status == 0, daemon.log
+    assert daemon.wait(30) == daemon.expected_status, daemon.log
     return how.name
 
 
@@ -117,23 +138,23 @@ def test_random_kills_during_an_outage_and_its_replay_lose_and_repeat_no_word(
         signals.append(kill(daemon, rng))
         replay_kills += 1
     last = last or stack.daemon(**overrides)
-    deadline = time.monotonic() + 90
-    while len(transcripts.words) < len(spoken) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        transcripts.poll()
-    time.sleep(2)  # a late duplicate under a new seq would show up now
-    transcripts.poll()
+    wait_until(lambda: transcripts.poll() or len(transcripts.words) >= len(spoken),
+               f"all {len(spoken)} words", timeout=90)
+    transcripts.assert_no_late_deliveries()  # not even under a new seq
 
     assert signals.count("SIGKILL") >= KILLS, signals
     assert transcripts.words == [w.text for w in spoken]
     streams = {key[0] for key in transcripts.by_key}
     assert len(streams) == 1, "one outbox, one stream"
     seqs = sorted(key[1] for key in transcripts.by_key)
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no seq skipped or reused"
-    last.signal(signal.SIGTERM)
-    assert last.wait(30) == 0
-    for daemon in stack.daemons:
-        assert "Traceback" not in daemon.log
+    assert seqs == list(range(1, len(spoken) + 1)), "no seq skipped or reused"
+    # Replayed from disk after restarts, each stamped with when it was said:
+    # within half a second, but for a known bug (tests/test_streamclock.py's
+    # xfails): each restart is a gap of about a second in capture, which the
+    # clock does not always see, and the daemon's first hand-over after it.
+    assert_captured_at(transcripts.ordered, [[word] for word in spoken], offset, mic,
+                       tolerance=TIME_TOLERANCE_S + 1.5)
+    stop_keeping_the_rest(last, stack.home / "state")
 
 
 def test_sigkill_in_an_outage_keeps_every_sample_handed_over(
@@ -148,8 +169,8 @@ def test_sigkill_in_an_outage_keeps_every_sample_handed_over(
     daemon.wait_for_log("stt.disconnected")
     spoken = tone("golf", 2.5)
     end = mic.play(spoken) + 2.5
-    while mic.stream_seconds < end + 0.6:  # the tone's last hand-off has reached edged
-        time.sleep(0.02)
+    mic.wait_read(end + 0.6)  # the tone's last hand-off has reached edged
+    daemon.expect(status=-signal.SIGKILL)
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
 

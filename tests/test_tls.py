@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tests.support.certs import Pki, make_ca, make_pki
 from tests.support.mic import FifoMic
 from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import script
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
@@ -38,21 +39,26 @@ def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
 
 
 def retained_availability(broker: Mosquitto, pki: Pki) -> bytes | None:
-    """Read the retained availability over TLS, as a TLS-speaking consumer would."""
+    """Read the retained availability over TLS, as a TLS-speaking consumer would:
+    what came before a marker of our own, published once subscribed."""
     got: list[bytes] = []
+    marker = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="tls-reader")
     context = ssl.create_default_context(cafile=str(pki.ca))
     context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
     client.tls_set_context(context)
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe("edged/testpi/availability")
-    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("edged/testpi/#")
+    client.on_subscribe = lambda c, u, mid, rcs, p: c.publish("edged/testpi/_marker", b"", qos=1)
+    client.on_message = lambda c, u, m: (marker.set() if m.topic.endswith("/_marker") else
+                                         got.append(m.payload)
+                                         if m.topic == "edged/testpi/availability" else None)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
-    deadline = time.monotonic() + 10
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
+    try:
+        assert marker.wait(10), "our own marker did not come back"
+    finally:
+        client.loop_stop()
+        client.disconnect()
     return got[0] if got else None
 
 
@@ -63,7 +69,8 @@ def test_connects_with_ca_and_client_certificate(
                                 "cert_file": str(pki.client_cert),
                                 "key_file": str(pki.client_key)})
     daemon.wait_for_log("mqtt.connected host=127.0.0.1 tls=true")
-    assert retained_availability(tls_broker, pki) == b"online"
+    wait_until(lambda: retained_availability(tls_broker, pki) == b"online",
+               "a retained `online` over TLS", timeout=10)
 
 
 def test_refuses_a_broker_certificate_it_cannot_verify(
@@ -84,7 +91,7 @@ def test_refuses_a_broker_certificate_it_cannot_verify(
 def test_missing_certificate_file_is_a_configuration_error(
     stack: Stack, mic: FifoMic, tmp_path: Path
 ) -> None:
-    daemon = stack.daemon(mqtt={"ca_file": str(tmp_path / "nope.crt")})
+    daemon = stack.daemon(mqtt={"ca_file": str(tmp_path / "nope.crt")}).expect(status=78)
     assert daemon.wait(20) == 78
     assert "mqtt.ca_file" in daemon.log
 

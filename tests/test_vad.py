@@ -72,17 +72,22 @@ def test_every_speech_frame_is_inside_a_sendable_stretch(pattern: str) -> None:
     assert {i for i, c in enumerate(pattern) if c == "s"} <= covered
 
 
-@pytest.mark.parametrize("keepalive_s", [4.0, 30.0], ids=["kept-alive", "closed-when-idle"])
+# Deepgram closes a session after ~10 s without data (1011); the double does
+# after IDLE_S, half that, so that the silences, and the test, are shorter.
+IDLE_S = 5.0
+
+
+@pytest.mark.parametrize("keepalive_s", [2.0, 30.0], ids=["kept-alive", "closed-when-idle"])
 def test_only_speech_is_sent_and_every_word_arrives_across_idle_timeouts(
     stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber, keepalive_s: float
 ) -> None:
-    stt.faults.idle_timeout_s = 10.0  # as Deepgram: 1011 after ~10 s without data
+    stt.faults.idle_timeout_s = IDLE_S
     daemon = stack.daemon(vad={"enabled": True, "keepalive_s": keepalive_s})
     daemon.wait_for_log("capture.open")
     parts, truth = [], []
     for words in (["charlie", "delta"], ["echo"], ["foxtrot", "golf", "hotel"]):
         audio, spoken = script([words], lead_s=0.5, pause_s=1.5)
-        parts.append(audio + silence(14.0))  # long silences between short utterances
+        parts.append(audio + silence(IDLE_S + 2.0))  # long silences between short utterances
         truth.append(spoken[0])
     offset = mic.play(b"".join(parts))
     starts = [offset]
@@ -92,13 +97,35 @@ def test_only_speech_is_sent_and_every_word_arrives_across_idle_timeouts(
     finals = collect_finals(subscriber, 3, timeout=90)
 
     for final, utterance, start in zip(finals, truth, starts, strict=True):
-        assert_matches_truth([final], [utterance], start)
-    captured = mic.stream_seconds
+        assert_matches_truth([final], [utterance], start, mic)
+    # Sent: each utterance with its pre-roll (0.5 s) and hang-over (1 s), and
+    # after each idle close, what was unacknowledged again: the hang-over.
+    speech = sum(0.5 + utterance[-1].end - utterance[0].start + 1.0 for utterance in truth)
+    resent = 1.0 * (len(stt.sessions) - 1)
     sent = sum(session.bytes_received for session in stt.sessions) / 32000
-    assert sent <= captured / 3, f"sent {sent:.1f} s of {captured:.1f} s captured"
-    if keepalive_s < 10:
+    assert sent == pytest.approx(speech + resent, abs=0.15 * len(stt.sessions))
+    assert sent < mic.stream_seconds / 2, "most of the silence is not sent"
+    if keepalive_s < IDLE_S:
         assert sum(session.keepalives for session in stt.sessions) >= 1
-        assert not any(session.closed_idle for session in stt.sessions)
+        assert len(stt.sessions) == 1, "one session, kept alive through the silences"
     else:  # the service closed idle sessions: edged came back when speech did
-        assert any(session.closed_idle for session in stt.sessions)
-        assert len(stt.sessions) >= 3
+        assert [session.closed_idle for session in stt.sessions] == [True, True, False]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edged bug: after the service closes an idle session, the hang-over it was sent "
+    "but never acknowledged (silence gets no final) is still sendable, so edged "
+    "reconnects at once and sends it again, every idle timeout for as long as the "
+    "silence lasts (reconnects, billed audio), instead of when speech comes"))
+def test_with_gating_a_session_closed_for_idleness_comes_back_only_when_speech_does(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stt.faults.idle_timeout_s = 2.0
+    daemon = stack.daemon(vad={"enabled": True, "keepalive_s": 30.0})
+    daemon.wait_for_log("capture.open")
+    audio, truth = script([["charlie", "delta"]], lead_s=0.5, pause_s=1.5)
+    offset = mic.play(audio + silence(6.0))
+    assert_matches_truth(collect_finals(subscriber, 1), truth, offset, mic)
+    mic.wait_idle()  # six seconds of silence: three idle timeouts
+    assert stt.sessions[0].closed_idle
+    assert len(stt.sessions) == 1, "no new session before someone speaks"

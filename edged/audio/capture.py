@@ -197,7 +197,11 @@ class Capture:
                             loggable(error))
                 return
             if stopping():  # a read blocks a period: look after it, not before
-                if batch:  # what was gathered goes to the buffer: a stop loses none of it
+                # What was read is audio like any other: handed over, not
+                # dropped (a SIGTERM or a new microphone loses none of it).
+                if length > 0 and data:
+                    batch.append(data)
+                if batch:
                     self._hand_over(b"".join(batch))
                 return
             if length < 0:

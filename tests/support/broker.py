@@ -67,6 +67,13 @@ class Mosquitto:
             self.process.wait(10)
         self.process = None
 
+    def kill(self) -> None:
+        """A broker that dies (SIGKILL): connections cut, no goodbye, no Will sent for anyone."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
 
 @dataclass(frozen=True)
 class Message:
@@ -86,16 +93,53 @@ class Subscriber:
     def __init__(self, port: int, topic: str = "#"):
         self.messages: queue.Queue[Message] = queue.Queue()
         self.seen: list[Message] = []
+        self.filter = topic
         self._subscribed = queue.Queue[bool]()
+        self._synced = queue.Queue[bytes]()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.time_ns()}")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
-        self.client.on_message = lambda c, u, m: self.messages.put(
-            Message(m.topic, m.payload, bool(m.retain), m.qos, time.monotonic())
-        )
+        self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self._subscribed.get(timeout=10)
+
+    def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        if m.topic == self._sync_topic:
+            self._synced.put(bytes(m.payload))
+            return
+        self.messages.put(Message(m.topic, bytes(m.payload), bool(m.retain), m.qos,
+                                  time.monotonic()))
+
+    @property
+    def _sync_topic(self) -> str:
+        return self.filter.removesuffix("#") + "_test_sync"
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Return once everything the broker had for us when called has arrived
+        (the retained messages of the subscription, above all): a marker we
+        publish ourselves comes after them. Needs a filter ending in `#`."""
+        assert self.filter.endswith("#"), "a marker must match the subscription"
+        marker = str(time.time_ns()).encode()
+        self.client.publish(self._sync_topic, marker, qos=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._synced.get(timeout=max(deadline - time.monotonic(), 0.01)) == marker:
+                    return
+            except queue.Empty:
+                raise TimeoutError(f"our own marker did not come back within {timeout}s") from None
+
+    def pending(self) -> list[Message]:
+        """What has arrived and nobody has taken with `next` yet (taken now)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self.messages.get_nowait())
+            except queue.Empty:
+                break
+        self.seen += taken
+        return taken
 
     def next(self, topic: str | None = None, timeout: float = 30.0,
              payload: bytes | None = None) -> Message:

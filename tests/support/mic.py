@@ -4,12 +4,18 @@ The daemon opens `testmic` with pyalsaaudio like any capture device; the
 plugin reads the FIFO once per period, so the feeder writes exactly one
 period at a time, paced like a real microphone (or faster, for speed).
 Stream time is exact: sample n of what was written is stream sample n.
+The feeder remembers the wall-clock time at which it wrote each period (what
+a transcript's `time` must say), and can tell how far the reader has read.
 """
 
 from __future__ import annotations
 
+import array
+import bisect
+import fcntl
 import os
 import queue
+import termios
 import threading
 import time
 from pathlib import Path
@@ -20,23 +26,35 @@ PERIOD_MS = 100
 
 
 def write_asoundrc(home: Path, fifo: Path, name: str = "testmic") -> None:
-    (home / ".asoundrc").write_text(
+    """Define the ALSA device `name` reading `fifo` (other devices in the file are kept)."""
+    rc = home / ".asoundrc"
+    others = [line for line in (rc.read_text().splitlines() if rc.exists() else [])
+              if not line.startswith(f"pcm.{name} ")]
+    rc.write_text("".join(f"{line}\n" for line in others) + (
         f'pcm.{name} {{ type file; slave.pcm "null"; file "/dev/null"; '
         f'infile "{fifo}"; format "raw" }}\n'
-    )
+    ))
 
 
 class FifoMic:
     """Feeds queued audio (silence when none) into a FIFO at `speed` x real time."""
 
-    def __init__(self, home: Path, speed: float = 1.0, period_ms: int = PERIOD_MS):
-        self.fifo = home / "mic.fifo"
+    def __init__(self, home: Path, speed: float = 1.0, period_ms: int = PERIOD_MS,
+                 name: str = "testmic"):
+        self.name = name  # the ALSA device
+        self.fifo = home / ("mic.fifo" if name == "testmic" else f"{name}.fifo")
         os.mkfifo(self.fifo)
-        write_asoundrc(home, self.fifo)
+        write_asoundrc(home, self.fifo, name)
         self.speed = speed
         self.period_ms = period_ms
         self.period_bytes = RATE * 2 * period_ms // 1000  # what the reader reads at once
         self.written = 0  # bytes: stream position of the next byte
+        self.fed = 0  # bytes in the pipe or read from it
+        # Where each run of periods began (byte position) and the wall clock
+        # (time.time()) at which its first period was written.
+        self._wall_positions: list[int] = []
+        self._walls: list[float] = []
+        self._fd: int | None = None
         self.paused = threading.Event()
         self._queue: queue.Queue[bytes] = queue.Queue()
         self._pending = b""
@@ -59,10 +77,43 @@ class FifoMic:
         return start
 
     def wait_idle(self, timeout: float = 60.0) -> None:
-        """Block until everything queued has been written."""
+        """Block until everything queued has been written; fails after `timeout`."""
         deadline = time.monotonic() + timeout
-        while (self._pending or not self._queue.empty()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while self._pending or not self._queue.empty():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the microphone still had audio to play after {timeout}s "
+                                   f"(at {self.stream_seconds:.1f} s; is anybody reading?)")
+            time.sleep(0.01)
+
+    @property
+    def read_seconds(self) -> float:
+        """Stream time up to which the reader (the daemon's ALSA device) has read."""
+        fd = self._fd
+        unread = array.array("i", [0])
+        if fd is not None:
+            try:
+                fcntl.ioctl(fd, termios.FIONREAD, unread)
+            except OSError:  # closed under our feet: the reader is gone
+                unread[0] = 0
+        return max(self.fed - unread[0], 0) / 2 / RATE
+
+    def wait_read(self, stream_s: float, timeout: float = 20.0) -> None:
+        """Block until the reader has read the audio up to `stream_s`; fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.read_seconds < stream_s:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the reader has read {self.read_seconds:.2f} s of "
+                                   f"{stream_s:.2f} s after {timeout}s")
+            time.sleep(0.005)
+
+    def wall_time(self, stream_s: float) -> float:
+        """The wall-clock time (time.time()) at which stream time `stream_s` was
+        written: when its period went into the FIFO, plus its place in the period."""
+        position = round(stream_s * RATE) * 2
+        index = bisect.bisect_right(self._wall_positions, position) - 1
+        if index < 0 or position >= self.written:
+            raise ValueError(f"{stream_s} s has not been written yet")
+        return self._walls[index] + (position - self._wall_positions[index]) / 2 / RATE / self.speed
 
     @property
     def idle(self) -> bool:
@@ -86,7 +137,12 @@ class FifoMic:
         while not self._stop.is_set():
             with open(self.fifo, "wb", buffering=0) as fifo:  # waits for a reader
                 self._opened.set()
-                self._feed(fifo)
+                self._fd = fifo.fileno()
+                try:
+                    self._feed(fifo)
+                finally:
+                    self._fd = None
+                    self.fed = self.written  # what the pipe held is gone with the reader
 
     def _feed(self, fifo: BinaryIO) -> None:
         next_at = time.monotonic()
@@ -95,15 +151,30 @@ class FifoMic:
                 time.sleep(0.01)
                 next_at = time.monotonic()
                 continue
+            position = self.written
             period = self._next_period()
+            wall = time.time()
             try:
-                fifo.write(period)
+                fifo.write(period)  # a period is at most PIPE_BUF: all of it or nothing
             except BrokenPipeError:
                 return
+            self.fed = position + len(period)
+            self._written_at(position, wall)
             next_at += self.period_ms / 1000 / self.speed
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+
+    def _written_at(self, position: int, wall: float) -> None:
+        """Remember when `position` was written: a new entry only when the pace
+        was broken (a pause, a reader that came late), as one per period would grow."""
+        if self._walls:
+            elapsed = (position - self._wall_positions[-1]) / 2 / RATE / self.speed
+            expected = self._walls[-1] + elapsed
+            if abs(wall - expected) < 0.02:
+                return
+        self._walls.append(wall)  # first: a reader in another thread indexes by position
+        self._wall_positions.append(position)
 
     def _next_period(self) -> bytes:
         # Counted as written when taken, under the lock, so `play` sees exact positions.

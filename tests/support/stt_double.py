@@ -4,7 +4,7 @@ It speaks the real protocol (path, query, x-api-key, binary audio in, JSON
 transcripts out with session-relative times, CloseStream) and recognises the
 tone language of `tonespeech`, so its transcripts carry true times. Faults
 are injected on demand: abrupt drops, refused connects, malformed or scripted
-frames.
+frames, and connections that go silent while TCP stays up (`freeze_connections`).
 
 It runs its own event loop in a thread, so tests drive it from plain code
 while the daemon under test runs as a separate process.
@@ -33,9 +33,12 @@ from tests.support.tonespeech import HeardWord, ToneRecognizer
 class SessionRecord:
     query: dict[str, list[str]]
     api_key: str | None
+    opened_at: float = 0.0  # time.monotonic() of the handshake
     bytes_received: int = 0
     frame_sizes: list[int] = field(default_factory=list)
+    frame_times: list[float] = field(default_factory=list)  # time.monotonic() of each frame
     finals_sent: int = 0
+    finals_on_close: int = 0  # of finals_sent: those the CloseStream flushed out
     close_stream_received: bool = False
     keepalives: int = 0
     closed_idle: bool = False
@@ -77,7 +80,9 @@ class SttDouble:
         self.faults = Faults()
         self.sessions: list[SessionRecord] = []
         self.refused = 0
+        self.refused_at: list[float] = []  # time.monotonic() of every refused handshake
         self.finals_sent_at: list[float] = []  # time.monotonic() of every final sent
+        self._frozen: list[asyncio.Transport] = []
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -102,6 +107,8 @@ class SttDouble:
 
     def stop(self) -> None:
         async def close() -> None:
+            for transport in self._frozen:  # they would not answer a closing handshake
+                transport.abort()
             if self._server is not None:
                 self._server.close()
                 await self._server.wait_closed()
@@ -119,6 +126,18 @@ class SttDouble:
 
         asyncio.run_coroutine_threadsafe(abort(), self._loop).result(5)
 
+    def freeze_connections(self) -> None:
+        """Every open session goes silent with its TCP connection still up, as
+        behind a NAT that lost its mapping: nothing is read any more (so no
+        ping is answered), nothing is sent. New connections work as usual."""
+        async def freeze() -> None:
+            assert self._server is not None
+            for connection in list(self._server.connections):
+                connection.transport.pause_reading()
+                self._frozen.append(connection.transport)
+
+        asyncio.run_coroutine_threadsafe(freeze(), self._loop).result(5)
+
     # -- handshake -------------------------------------------------------------
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -129,16 +148,18 @@ class SttDouble:
         if self.faults.refuse_count > 0 and self.faults.refuse_status:
             self.faults.refuse_count -= 1
             self.refused += 1
+            self.refused_at.append(time.monotonic())
             headers = {"Retry-After": self.faults.retry_after} if self.faults.retry_after else {}
             return _response(HTTPStatus(self.faults.refuse_status), "refused by test", headers)
         # The service takes the key in the query too.
         api_key = request.headers.get("x-api-key") or query.get("api_key", [None])[0]
         if self.api_key is not None and api_key != self.api_key:
             self.refused += 1
+            self.refused_at.append(time.monotonic())
             return _response(HTTPStatus.UNAUTHORIZED, "invalid API key")
         if query.get("encoding") != ["pcm_s16le"] or query.get("sample_rate") != ["16000"]:
             return _response(HTTPStatus.BAD_REQUEST, "unsupported audio format")
-        self.sessions.append(SessionRecord(query, api_key))
+        self.sessions.append(SessionRecord(query, api_key, opened_at=time.monotonic()))
         return None
 
     # -- a session -------------------------------------------------------------
@@ -167,6 +188,7 @@ class SttDouble:
                 scripted, self.faults.scripted_frames = self.faults.scripted_frames, []
                 for frame in scripted:
                     await connection.send(frame)
+                record.frame_times.append(time.monotonic())
                 for utterance in recognizer.feed(message):
                     await self._send_final(connection, record, provider, utterance)
                 slices = self.faults.finals_per_frame
@@ -189,6 +211,7 @@ class SttDouble:
                 record.close_stream_received = True
                 for utterance in recognizer.flush():
                     await self._send_final(connection, record, provider, utterance)
+                    record.finals_on_close += 1
                 await connection.close()
                 return
 
