@@ -523,7 +523,7 @@ def test_a_damaged_outbox_is_put_aside_saying_why(
     damaged_outbox(path)
     with caplog.at_level(logging.ERROR, "edged.storage"):
         outbox = Outbox(path)
-    assert "reason=corrupt: file is not a database" in caplog.text
+    assert "reason=corrupt: not an SQLite file (garbled header)" in caplog.text
     assert list(tmp_path.glob("outbox.sqlite3.damaged-*"))
     assert outbox.health.condition == "ok"
 
@@ -557,7 +557,7 @@ def test_a_damaged_outbox_that_cannot_be_put_aside_works_in_memory(
     outbox = Outbox(path)
     assert outbox.degraded
     assert outbox.health.condition == "corrupt"
-    assert outbox.health.reason == "outbox open: file is not a database"
+    assert outbox.health.reason == "outbox open: not an SQLite file (garbled header)"
     assert STREAM_ID.fullmatch(outbox.stream_id)
     assert (outbox.last_seq, outbox.transcribed, outbox.dropped) == (0, 0, 0)
     assert outbox.add(render, 0).seq == 1
@@ -586,7 +586,7 @@ def test_a_replacement_that_cannot_be_opened_keeps_the_salvage_in_memory(
     outbox = Outbox(path, memory_items=4)
     assert outbox.degraded
     assert outbox.health.condition == "corrupt"
-    assert outbox.health.reason == "outbox open: file is not a database"
+    assert outbox.health.reason == "outbox open: not an SQLite file (garbled header)"
     assert STREAM_ID.fullmatch(outbox.stream_id)
     assert outbox.stream_id != old.id
     assert (outbox.last_seq, outbox.transcribed) == (0, 0)

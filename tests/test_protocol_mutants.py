@@ -42,61 +42,54 @@ def test_url_spells_false_as_false() -> None:
     assert query(url)["diarize"] == ["true"]
 
 
-def test_a_transcript_in_a_bytes_frame_is_parsed_like_text() -> None:
+def test_a_binary_frame_from_the_service_is_malformed_not_parsed() -> None:
+    # The service sends text frames; a binary one is refused by the gate.
     body = {"type": "transcript", "transcript": "grüße", "start_time": 0.0, "end_time": 1.0}
-    frame = parse_frame(json.dumps(body, ensure_ascii=False).encode())
-    assert isinstance(frame, TranscriptMessage)
-    assert frame.transcript == "grüße"
+    frame = parse_frame(json.dumps(body, ensure_ascii=False).encode(), 16_000)
+    assert isinstance(frame, MalformedFrame)
+    assert frame.reason.startswith("binary frame")
 
 
 LONG = "x" * 300
 
 
 @pytest.mark.parametrize(
-    ("text", "reason", "excerpt"),
+    ("text", "reason"),
     [
-        (b"\xff" + LONG.encode(), "not UTF-8", repr((b"\xff" + LONG.encode())[:120])),
-        ("[" + LONG, "not JSON: ", ("[" + LONG)[:120]),
-        ("[" + ",".join(["1"] * 100) + "]", "not a JSON object",
-         ("[" + ",".join(["1"] * 100) + "]")[:120]),
+        (b"\xff" + LONG.encode(), "binary frame"),
+        ("[" + LONG, "not JSON: "),
+        ("[" + ",".join(["1"] * 100) + "]", "not a JSON object"),
         ('{"type":"transcript","transcript":"x","start_time":2.0,"end_time":1.0,"pad":"'
-         + LONG + '"}', "bad transcript: end_time before start_time", None),
+         + LONG + '"}', "bad transcript: "),
     ],
 )
-def test_a_malformed_frame_says_why_and_shows_how_it_began(
-    text: str | bytes, reason: str, excerpt: str | None
-) -> None:
-    frame = parse_frame(text)
+def test_a_malformed_frame_says_why_and_shows_how_it_began(text: str | bytes, reason: str) -> None:
+    frame = parse_frame(text, 16_000)
     assert isinstance(frame, MalformedFrame)
-    if reason.endswith(": "):
-        assert frame.reason.startswith(reason)
-    else:
-        assert frame.reason == reason
-    expected = excerpt if excerpt is not None else text[:120]
-    assert frame.excerpt == expected
-    assert len(frame.excerpt) <= 120 or isinstance(text, bytes)
+    assert frame.reason.startswith(reason)
+    assert 0 < len(frame.excerpt) <= 160, "an excerpt, escaped and cut, not the frame"
+    assert "\n" not in frame.excerpt
 
 
 def test_a_bad_field_is_named_by_its_path_in_the_frame() -> None:
     text = json.dumps({"type": "transcript", "transcript": "hi", "start_time": 0.0,
                        "end_time": 1.0, "words": [{"text": "hi", "start_time": -1.0,
                                                    "end_time": 0.5}]})
-    frame = parse_frame(text)
+    frame = parse_frame(text, 16_000)
     assert isinstance(frame, MalformedFrame)
-    assert frame.reason.startswith("bad transcript: words.0.start_time: ")
-    assert "greater than or equal to 0" in frame.reason
-    assert frame.excerpt == text[:120]
+    assert "words.0.start_time" in frame.reason
 
 
 def test_a_message_of_another_type_keeps_its_body() -> None:
-    frame = parse_frame('{"type":"error","message":"quota exceeded","code":7}')
+    frame = parse_frame('{"type":"error","message":"quota exceeded","code":7}', 160_000)
     assert isinstance(frame, OtherMessage)
     assert frame.type == "error"
     assert frame.body == {"type": "error", "message": "quota exceeded", "code": 7}
 
 
 def test_a_zero_length_transcript_is_valid() -> None:
-    frame = parse_frame('{"type":"transcript","transcript":"","start_time":1.5,"end_time":1.5}')
+    frame = parse_frame('{"type":"transcript","transcript":"","start_time":1.5,"end_time":1.5}',
+                        160_000)
     assert isinstance(frame, TranscriptMessage)
 
 
@@ -123,7 +116,7 @@ def test_every_word_is_placed_in_stream_time_with_its_text_and_speaker() -> None
         "start_time": 0.25, "end_time": 1.0,
         "words": [{"text": "hello", "start_time": 0.25, "end_time": 0.5, "speaker": 1},
                   {"text": "there", "start_time": 0.5, "end_time": 1.0, "speaker": "B"}],
-    }))
+    }), timeline.sent_samples)
     assert isinstance(frame, TranscriptMessage)
     placed = place_final(frame, timeline)
     assert placed == Final(

@@ -229,10 +229,12 @@ class MqttPublisher:
 
     def _delivered(self, key: Key) -> None:
         received_at = self._received_at.pop(key, None)
-        if received_at is not None and self.on_delivered is not None:
-            self.on_delivered(time.monotonic() - received_at)
         self._handed_over.discard(key)
         self.outbox.remove(key)
+        # Observed after the removal: a metrics scrape (another thread) that
+        # sees the latency must also see the outbox without it.
+        if received_at is not None and self.on_delivered is not None:
+            self.on_delivered(time.monotonic() - received_at)
         if self.outbox.depth == 0:
             self._drained.set()
 
