@@ -349,6 +349,9 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(TIMEOUT_S)
 
 
+# The scripts below import edged from this tree, not from wherever the
+# virtual environment's editable install points.
+ROOT = Path(__file__).resolve().parents[1]
 MONITOR = """\
 import sys
 from pathlib import Path
@@ -372,8 +375,8 @@ class Tmux:
         return done.stdout
 
     def start(self, socket_path: Path, device: str, home: Path) -> None:
-        command = shlex.join(["env", f"HOME={home}", sys.executable, str(self.script),
-                              str(socket_path), device])
+        command = shlex.join(["env", f"HOME={home}", f"PYTHONPATH={ROOT}", sys.executable,
+                              str(self.script), str(socket_path), device])
         # The exit status stays on screen after the monitor leaves its alternate screen.
         self.tmux("new-session", "-d", "-s", "monitor", "-x", "100", "-y", "30",
                   "-c", str(Path(__file__).parents[1]),
@@ -482,8 +485,8 @@ def test_monitor_is_interrupted_cleanly_without_a_terminal(
     script.write_text(MONITOR)
     process = subprocess.Popen(
         [sys.executable, str(script), str(short_dir / "absent.sock"), "no-such-device"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"HOME": str(short_dir),
-                                                            "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={"HOME": str(short_dir), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
         # As from a terminal: a shell's background job (a test run started
         # with `&`) passes SIGINT on ignored, and Python then keeps it so.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
