@@ -45,7 +45,7 @@ def test_refused_connects_and_malformed_frames_are_survived_and_counted(
         pass
     assert state["malformed_frames"] == 2, "one after each final"
     assert "stt.malformed_frame count=2" in daemon.log
-    assert daemon.log.count("stt.disconnected") == 2
+    assert daemon.log.count("stt.connect_failed") == 2  # refused before the first session
     assert "HTTP 503" in daemon.log
 
 
