@@ -208,6 +208,23 @@ class VadSettings(_Section):
     keepalive_message: str = '{"type":"KeepAlive"}'
 
 
+class ControlSettings(_Section):
+    """Fleet control over MQTT (edged.control): requests, mute, remote config.
+
+    Off by default: whoever may publish on the device's request topics can
+    steer it, so a broker's ACL must say who that is first (README)."""
+
+    enabled: bool = False
+    # What a remote `config` set may change (dotted keys, or a section name
+    # for all of its keys). Never the service URL and key, MQTT credentials
+    # or the state directory: a remote change must not be able to take the
+    # device off its fleet or read its secrets.
+    allowed_keys: list[str] = Field(default_factory=lambda: [
+        "audio.gain_db", "audio.silent_after_s", "stt.replay_speed", "buffer.max_seconds",
+        "mqtt.partials", "mqtt.hermes", "log_level",
+    ])
+
+
 def _default_state_dir() -> Path:
     # systemd's StateDirectory= hands us the path; elsewhere use the FHS place.
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edged").split(":")[0])
@@ -246,6 +263,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
     # What can never be a directory (a file, or a file where a parent should
     # be) is a configuration error, found before the daemon starts; storage
     # that fails at run time (full, read-only, unwritable) is a condition the

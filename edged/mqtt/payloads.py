@@ -37,6 +37,26 @@ class Topics:
     def partial(self) -> str:
         return f"{self.root}/partial"
 
+    # -- fleet control (edged.control): commands in, answers and states out --
+
+    @property
+    def mute(self) -> str:
+        return f"{self.root}/mute"  # retained ON / OFF
+
+    @property
+    def mute_set(self) -> str:
+        return f"{self.root}/mute/set"
+
+    def request(self, verb: str) -> str:
+        return f"{self.root}/request/{verb}"
+
+    def response(self, verb: str) -> str:
+        return f"{self.root}/response/{verb}"
+
+    def fleet_request(self, verb: str) -> str:
+        """The same verbs for every device on the base topic."""
+        return f"{self.base}/_fleet/request/{verb}"
+
 
 def _seconds(samples: int) -> float:
     return round(samples_to_seconds(samples), 3)

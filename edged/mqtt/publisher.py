@@ -19,7 +19,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -40,6 +40,23 @@ WINDOW = 20  # transcripts in paho's hands at once (its default in-flight limit)
 # paho's queue, everything included (state, availability, discovery): past
 # this, publish() refuses instead of growing without bound.
 PAHO_QUEUE = 100
+
+
+class Message(NamedTuple):
+    """A message from the broker, as a subscriber's handler gets it (on the loop).
+
+    Its payload is untrusted: whoever may publish on the topic wrote it."""
+
+    topic: str
+    payload: bytes
+    retained: bool  # a retained copy replayed at subscription, not sent just now
+
+
+MessageHandler = Callable[[Message], None]
+
+# What a handler is given at most: a request or a command is a few hundred
+# bytes; anything this large is refused before it is looked at.
+MAX_INCOMING_BYTES = 64 * 1024
 
 
 def make_client(settings: Settings, client_id: str, *, reconnect: bool) -> paho.Client:
@@ -107,6 +124,8 @@ class MqttPublisher:
         # Refused by the broker (an MQTT 5 PUBACK with a failure reason): kept
         # in the outbox, not offered again until the next connection.
         self._refused: set[Key] = set()
+        # Topic filter -> handler, subscribed again on every connection.
+        self._subscriptions: dict[str, MessageHandler] = {}
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -162,6 +181,25 @@ class MqttPublisher:
         except TimeoutError:
             return False
         return True
+
+    # -- subscriptions ------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
+        """Hand messages on `topic_filter` to `handler`, on the loop, for as
+        long as this publisher lives (each new connection subscribes again)."""
+        self._subscriptions = {**self._subscriptions, topic_filter: handler}
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def _route(self, topic: str, payload: bytes, retained: bool) -> None:
+        for topic_filter, handler in self._subscriptions.items():
+            if paho.topic_matches_sub(topic_filter, topic):
+                if len(payload) > MAX_INCOMING_BYTES:
+                    log.warning("mqtt.message_refused topic=%s bytes=%d reason=too_large",
+                                loggable(topic), len(payload))
+                    return
+                handler(Message(topic, payload, retained))
+                return
 
     # -- publishing ---------------------------------------------------------
 
@@ -252,6 +290,8 @@ class MqttPublisher:
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
         if self.settings.mqtt.discovery:
             client.subscribe(discovery.birth_topic(self.settings), qos=1)
+        for topic_filter in self._subscriptions:  # a snapshot: replaced, never mutated
+            client.subscribe(topic_filter, qos=1)
         self._loop.call_soon_threadsafe(self._connected)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
@@ -268,6 +308,9 @@ class MqttPublisher:
         if message.topic == discovery.birth_topic(self.settings) and message.payload == ONLINE:
             # Home Assistant restarted: it wants the configs again.
             self._loop.call_soon_threadsafe(self._announce)
+            return
+        self._loop.call_soon_threadsafe(self._route, message.topic, bytes(message.payload),
+                                        bool(message.retain))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason: ReasonCode, properties: Any) -> None:
