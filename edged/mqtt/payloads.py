@@ -37,6 +37,11 @@ class Topics:
     def partial(self) -> str:
         return f"{self.root}/partial"
 
+    @property
+    def audio(self) -> str:
+        """Retained audio telemetry: levels, clipping, the microphone (edged.audio.telemetry)."""
+        return f"{self.root}/audio"
+
 
 def _seconds(samples: int) -> float:
     return round(samples_to_seconds(samples), 3)

@@ -35,6 +35,7 @@ class SessionRecord:
     api_key: str | None
     opened_at: float = 0.0  # time.monotonic() of the handshake
     bytes_received: int = 0
+    audio: bytearray = field(default_factory=bytearray)  # every audio byte received, in order
     frame_sizes: list[int] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)  # time.monotonic() of each frame
     finals_sent: int = 0
@@ -184,6 +185,7 @@ class SttDouble:
                 if not message:
                     raise AssertionError("client sent an empty audio frame")
                 record.bytes_received += len(message)
+                record.audio += message
                 record.frame_sizes.append(len(message))
                 scripted, self.faults.scripted_frames = self.faults.scripted_frames, []
                 for frame in scripted:
