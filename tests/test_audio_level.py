@@ -1,0 +1,193 @@
+"""The audio telemetry topic and the software gain, end to end: tones of known
+level into the FIFO microphone, the retained `edged/testpi/audio` on a real
+mosquitto, and the bytes the STT double received."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import Stack
+from tests.support.broker import Subscriber
+from tests.support.mic import FifoMic
+from tests.support.stt_double import SttDouble
+from tests.support.waiting import wait_until
+
+AUDIO = "edged/testpi/audio"
+RATE = 16_000
+FAST = {"device": "testmic", "chunk_ms": 100, "level_interval_s": 1.0}
+
+
+def sine(peak_dbfs: float, seconds: float, frequency: float = 1000.0) -> bytes:
+    """A sine whose peak is `peak_dbfs` (1 kHz: 16 samples a period, so the
+    peak itself is a sample); its RMS is 3 dB below."""
+    peak = min(round(32768 * 10 ** (peak_dbfs / 20)), 32767)
+    return array("h", (round(peak * math.sin(2 * math.pi * frequency * n / RATE))
+                       for n in range(round(seconds * RATE)))).tobytes()
+
+
+def square(seconds: float) -> bytes:
+    """Full scale, 1 kHz: every sample at a rail."""
+    return array("h", ([32767] * 8 + [-32768] * 8) * round(seconds * 1000)).tobytes()
+
+
+def values(data: bytes | bytearray) -> list[int]:
+    samples = array("h")
+    samples.frombytes(bytes(data))
+    return samples.tolist()
+
+
+def dbfs(amplitude: int) -> float:
+    return 20 * math.log10(amplitude / 32768)
+
+
+def audio_report(subscriber: Subscriber, predicate: Callable[[dict[str, Any]], bool],
+                 what: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            seen = [m.payload for m in subscriber.seen if m.topic == AUDIO][-5:]
+            raise AssertionError(f"no audio report with {what} within {timeout}s; last: {seen}")
+        report = subscriber.next(AUDIO, timeout=remaining).json()
+        if predicate(report):
+            return report
+
+
+def retained_report(stack: Stack) -> dict[str, Any]:
+    late = Subscriber(stack.broker.port, AUDIO)  # a late joiner: the retained copy
+    try:
+        message = late.next(AUDIO, timeout=5)
+    finally:
+        late.close()
+    assert message.retain
+    return dict(message.json())
+
+
+def near(value: float | None, target: float, tolerance: float) -> bool:
+    return value is not None and abs(value - target) <= tolerance
+
+
+def test_levels_of_known_tones_and_clipping_are_published_retained(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon(audio=FAST)
+    mic.play(sine(-20, 6.0))
+    report = audio_report(subscriber, lambda r: near(r["rms_dbfs"], -23.0, 0.2),
+                          "the RMS of a -20 dBFS sine")
+    assert report["peak_dbfs"] == -20.0
+    assert report["clipping"] == 0.0
+    assert (report["microphone"], report["gain_db"]) == ("ok", 0.0)
+    assert 0.9 <= report["interval_s"] <= 1.6
+    retained = retained_report(stack)  # the tone still plays: the same level
+    assert near(retained["rms_dbfs"], -23.0, 0.2)
+    assert retained["peak_dbfs"] == -20.0
+
+    mic.play(square(3.0))
+    report = audio_report(subscriber, lambda r: (r["clipping"] or 0) > 0.99,
+                          "a full-scale square clipping")
+    assert report["peak_dbfs"] == 0.0
+    assert near(report["rms_dbfs"], 0.0, 0.1)
+
+
+def test_a_level_change_is_reported_before_the_interval(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon(audio={**FAST, "level_interval_s": 60.0})
+    # At the connection, before any audio: no level; a second of audio later, its level.
+    audio_report(subscriber, lambda r: r["rms_dbfs"] == -120.0, "the FIFO's digital silence")
+    start = mic.play(sine(-20, 3.0))
+    report = audio_report(subscriber, lambda r: near(r["rms_dbfs"], -23.0, 3.0),
+                          "the tone, long before the 60 s interval")
+    mic.wait_read(start + 3.0)
+    assert report["interval_s"] < 10
+
+
+def test_digital_silence_says_silent_at_the_floor(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon(audio={**FAST, "silent_after_s": 1.0})  # the FIFO plays exact zeros
+    report = audio_report(subscriber, lambda r: r["microphone"] == "silent",
+                          "the microphone silent")
+    assert (report["rms_dbfs"], report["peak_dbfs"], report["clipping"]) == (-120.0, -120.0, 0.0)
+    assert retained_report(stack)["microphone"] == "silent"
+
+
+def test_an_absent_microphone_gives_no_level(stack: Stack, subscriber: Subscriber) -> None:
+    from tests.support.mic import write_asoundrc
+
+    write_asoundrc(stack.home, stack.home / "mic.fifo")  # the FIFO does not exist
+    daemon = stack.daemon(audio=FAST)
+    daemon.wait_for_log("capture.unavailable")
+    report = audio_report(subscriber, lambda r: r["microphone"] == "absent",
+                          "the microphone absent")
+    assert (report["rms_dbfs"], report["peak_dbfs"], report["clipping"]) == (None, None, None)
+
+
+def test_gain_makes_what_the_stt_service_receives_louder(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon(audio={**FAST, "gain_db": 12.0})
+    tone = sine(-30, 2.0)
+    start = mic.play(tone)
+    begin, end = round(start * RATE) * 2, round(start * RATE) * 2 + len(tone)
+    received = wait_until(lambda: stt.sessions and len(stt.sessions[0].audio) >= end
+                          and stt.sessions[0].audio, "the tone at the STT double")
+    heard = values(received[begin:end])
+    played = values(tone)
+    assert dbfs(max(heard)) - dbfs(max(played)) == _approx_db(12.0)
+    assert dbfs(-min(heard)) - dbfs(-min(played)) == _approx_db(12.0)
+    report = audio_report(subscriber, lambda r: near(r["peak_dbfs"], -18.0, 0.1),
+                          "the level after the gain")
+    assert report["gain_db"] == 12.0
+
+
+def _approx_db(target: float) -> Any:
+    import pytest
+
+    return pytest.approx(target, abs=0.01)
+
+
+def test_gain_saturates_at_the_rails_without_wrapping_around(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    stack.daemon(audio={**FAST, "gain_db": 20.0})
+    tone = sine(-6, 1.0)  # ten times that is five times full scale
+    start = mic.play(tone)
+    begin, end = round(start * RATE) * 2, round(start * RATE) * 2 + len(tone)
+    received = wait_until(lambda: stt.sessions and len(stt.sessions[0].audio) >= end
+                          and stt.sessions[0].audio, "the tone at the STT double")
+    heard, played = values(received[begin:end]), values(tone)
+    assert max(heard) == 32767
+    assert min(heard) == -32768
+    assert all(h * p >= 0 for h, p in zip(heard, played, strict=True)), "a sign flipped"
+    assert all(abs(h - max(-32768, min(32767, p * 10))) <= 1
+               for h, p in zip(heard, played, strict=True))
+    report = audio_report(subscriber, lambda r: (r["clipping"] or 0) > 0.5,
+                          "the clipping the gain caused")
+    assert report["peak_dbfs"] == 0.0
+
+
+def test_a_new_gain_on_reload_applies_without_reopening_the_microphone(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    daemon = stack.daemon(audio=FAST)
+    daemon.wait_for_log("stt.connected")
+    stack.config(audio={**FAST, "gain_db": 12.0})
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("config.reloaded changed=audio")
+    report = audio_report(subscriber, lambda r: r["gain_db"] == 12.0, "the new gain")
+    assert report["microphone"] == "ok"
+    tone = sine(-30, 1.0)
+    start = mic.play(tone)  # after the reload: at its place in the stream, 12 dB louder
+    begin, end = round(start * RATE) * 2, round(start * RATE) * 2 + len(tone)
+    received = wait_until(lambda: len(stt.sessions[-1].audio) >= end and stt.sessions[-1].audio,
+                          "the tone at the STT double")
+    assert len(stt.sessions) == 1, "the same session: nothing re-sent, nothing dropped"
+    heard = values(received[begin:end])
+    assert dbfs(max(heard)) - dbfs(max(values(tone))) == _approx_db(12.0)
+    assert daemon.log.count("capture.open") == 1, "the device stays open"
