@@ -210,3 +210,23 @@ def test_a_new_gain_on_reload_applies_without_reopening_the_microphone(
     assert switch > RATE // 2, "the tone's start was captured before the reload"
     assert set(labels[switch:]) == {"louder"}, "one switch, every sample in its place"
     assert daemon.log.count("capture.open") == 1, "the device stays open"
+
+
+def test_a_new_broker_connection_gets_the_audio_report_at_once(
+    stack: Stack, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """A broker that restarted has lost the retained copy: the new connection
+    brings a fresh one, without waiting for the interval or a level change."""
+    daemon = stack.daemon(audio={**FAST, "level_interval_s": 600.0, "level_change_db": 0.0})
+    audio_report(subscriber, lambda r: True, "the first report")
+    subscriber.close()
+    stack.broker.stop()
+    daemon.wait_for_log("mqtt.disconnected")
+    stack.broker.start()  # persistence off: nothing retained any more
+    late = Subscriber(stack.broker.port, AUDIO)
+    try:
+        report = late.next(AUDIO, timeout=20).json()
+    finally:
+        late.close()
+    assert report["microphone"] == "ok"
+    assert report["rms_dbfs"] == -120.0, "the FIFO's silence since the first report"
