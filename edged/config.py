@@ -36,7 +36,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
@@ -88,6 +88,23 @@ class AudioSettings(_Section):
     # Exact digital silence (or one stuck value) this long: a dead or muted
     # microphone, reported. A quiet room is never exactly silent. 0: off.
     silent_after_s: float = Field(default=60.0, ge=0, le=86400)
+    # Software gain applied to the captured audio, saturating at full scale
+    # (edged.audio.gain). Applied on a reload without reopening the device.
+    gain_db: float = Field(default=0.0, ge=-20.0, le=30.0)
+    # The level telemetry (<base>/<device>/audio): published this often, and
+    # sooner (at most once a second) when the RMS level moved this many dB
+    # from the last published one (0: only on the interval).
+    level_interval_s: float = Field(default=10.0, ge=1.0, le=3600.0)
+    level_change_db: float = Field(default=6.0, ge=0.0, le=60.0)
+
+    # What a reload applies to the running capture; any other change reopens the device.
+    LIVE_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"silent_after_s", "gain_db", "level_interval_s", "level_change_db"})
+
+    def reopens_device(self, other: AudioSettings) -> bool:
+        """Whether going from `other` to these settings needs the device reopened."""
+        return (self.model_dump(exclude=set(self.LIVE_KEYS))
+                != other.model_dump(exclude=set(self.LIVE_KEYS)))
 
     @property
     def chunk_frames(self) -> int:

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 from edged import __version__
 from edged.audio.buffer import AudioBuffer
 from edged.audio.capture import Capture
+from edged.audio.gain import Gain
 from edged.audio.health import OK as MIC_OK
 from edged.audio.health import SILENT, STALLED, MicrophoneHealth
 from edged.audio.spool import Spool
+from edged.audio.telemetry import AudioTelemetry, Context
 from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
 from edged.errors import ConfigError, EdgedError
@@ -99,6 +101,12 @@ class Daemon:
         self.metrics: Metrics | None = None  # prometheus-client is loaded only when asked for
         self.notifier = Notifier()
         self.mic_health = MicrophoneHealth(AUDIO_STALL_S, settings.audio.silent_after_s)
+        self.gain = Gain(settings.audio.gain_db)
+        self.audio_telemetry = AudioTelemetry(settings.audio.level_interval_s,
+                                              settings.audio.level_change_db, time.monotonic())
+        self._audio_report_wanted = asyncio.Event()
+        self._mqtt_sessions = 0  # connections made, by any publisher: each wants the report
+        self.publisher.on_connected = self._mqtt_connected
         self._mic_was_open = False
         self._mic_reported = MIC_OK  # the condition the state last said
         self._ready = False
@@ -146,6 +154,9 @@ class Daemon:
     # -- data path callbacks (all on the loop) --------------------------------
 
     def _captured(self, data: bytes) -> None:
+        data = self.gain.apply(data)  # before anything else sees the audio
+        if self.audio_telemetry.feed(data):
+            self._audio_report_wanted.set()
         self.mic_health.delivered(data, time.monotonic())
         if self._mic_reported != MIC_OK:  # back from a stall or from silence?
             self._judge_microphone()
@@ -361,6 +372,34 @@ class Daemon:
                      self._mic_reported)
         self._mic_reported = condition
         self._state_changed.set()
+        self._audio_report_wanted.set()
+
+    async def _publish_audio(self) -> None:
+        """The audio telemetry, when it is due: on its interval, or when told
+        (a level change, the microphone's condition, a new MQTT connection, a
+        reload)."""
+        while True:
+            delay = None  # while MQTT is down, until the connection says so
+            if self.publisher.connected:
+                delay = max(self.audio_telemetry.due_in(time.monotonic()), 0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._audio_report_wanted.wait()
+            self._audio_report_wanted.clear()
+            self._send_audio()
+
+    def _mqtt_connected(self) -> None:
+        self._mqtt_sessions += 1
+        self._audio_report_wanted.set()
+
+    def _send_audio(self) -> None:
+        if not self.publisher.connected:
+            return  # the window goes on: the next connection reports all of it
+        now = time.monotonic()
+        context = Context(self._mic_condition(), self.gain.db, self._mqtt_sessions)
+        if self.audio_telemetry.due(context, now):
+            self.publisher.publish_retained(self.publisher.topics.audio,
+                                            self.audio_telemetry.report(context, now))
 
     async def _feed_watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is wedged, no ping goes out.
@@ -474,7 +513,8 @@ class Daemon:
             self.spool.enabled = new.buffer.spool_max_mb > 0
         self.storage.retry_s = new.state_retry_s
         self.mic_health.silent_after_s = new.audio.silent_after_s
-        if new.audio != old.audio or new.stt.frame_ms != old.stt.frame_ms:
+        self._apply_audio_levels(new)
+        if new.audio.reopens_device(old.audio) or new.stt.frame_ms != old.stt.frame_ms:
             await asyncio.to_thread(self.capture.stop)
             self.capture = self._make_capture(new)
             self.capture.start()
@@ -484,6 +524,7 @@ class Daemon:
             self._start_metrics()
         if publisher is not None:
             publisher.on_delivered = self.metrics.latency.observe if self.metrics else None
+            publisher.on_connected = self._mqtt_connected
             moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
                 old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
             if old.mqtt.discovery and (moved or not new.mqtt.discovery):
@@ -491,6 +532,15 @@ class Daemon:
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
             self.publisher.start()
+
+    def _apply_audio_levels(self, new: Settings) -> None:
+        """Gain and telemetry settings, applied to the running capture: the
+        next hand-off is scaled by the new gain, nothing is dropped."""
+        if new.audio.gain_db != self.gain.db:
+            self.gain = Gain(new.audio.gain_db)
+            self._audio_report_wanted.set()  # the telemetry says the gain
+        self.audio_telemetry.interval_s = new.audio.level_interval_s
+        self.audio_telemetry.change_db = new.audio.level_change_db
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -511,7 +561,8 @@ class Daemon:
                 stt = tasks.create_task(self.session.run(), name="stt-session")
                 background = [tasks.create_task(self._publish_state(), name="state-publisher"),
                               tasks.create_task(self._retry_storage(), name="storage-retry"),
-                              tasks.create_task(self._watch_microphone(), name="microphone")]
+                              tasks.create_task(self._watch_microphone(), name="microphone"),
+                              tasks.create_task(self._publish_audio(), name="audio-telemetry")]
                 if self.notifier.watchdog_interval_s:
                     background.append(tasks.create_task(
                         self._feed_watchdog(self.notifier.watchdog_interval_s), name="watchdog"))

@@ -38,6 +38,9 @@ def write(path: Path, text: str) -> Path:
         ("[stt]\nurl = \"https://example.com\"\n", "stt.url", "ws:// or wss://"),
         ("[mqtt]\nbase_topic = \"home/#\"\n", "mqtt.base_topic", "pattern"),
         ("[devices.\"pi\"]\nmqtt.prot = 1\n", "mqtt.prot", "unknown key"),
+        ("[audio]\ngain_db = 40.0\n", "audio.gain_db", "less than or equal to 30"),
+        ("[audio]\nlevel_interval_s = 0.5\n", "audio.level_interval_s",
+         "greater than or equal to 1"),
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "run"])

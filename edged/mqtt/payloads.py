@@ -57,6 +57,11 @@ class Topics:
         """The same verbs for every device on the base topic."""
         return f"{self.base}/_fleet/request/{verb}"
 
+    @property
+    def audio(self) -> str:
+        """Retained audio telemetry: levels, clipping, the microphone (edged.audio.telemetry)."""
+        return f"{self.root}/audio"
+
 
 def _seconds(samples: int) -> float:
     return round(samples_to_seconds(samples), 3)

@@ -120,6 +120,7 @@ class MqttPublisher:
         self.connects = 0  # successful connections: each wants the state again
         self._received_at: dict[Key, float] = {}  # when a handed-over final came in
         self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
+        self.on_connected: Callable[[], None] | None = None  # each new connection, on the loop
         self._stopping = False
         # Refused by the broker (an MQTT 5 PUBACK with a failure reason): kept
         # in the outbox, not offered again until the next connection.
@@ -258,6 +259,16 @@ class MqttPublisher:
                 self._client.publish(topic, payload, qos=1, retain=True)
             log.info("mqtt.discovery_announced prefix=%s", self.settings.mqtt.discovery_prefix)
 
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """A retained QoS 0 message that the next one supersedes (audio
+        telemetry), if the broker is there; whether it went out. QoS 0: it
+        takes no place in paho's in-flight window, which is the transcripts',
+        and one lost with a connection is sent again on the next one."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=0, retain=True)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
     def publish_state(self, payload: bytes) -> bool:
         """Retained state, if the broker is there; whether it went out."""
         if not self.connected:
@@ -329,6 +340,8 @@ class MqttPublisher:
         self._announce()
         self._refused.clear()  # a new connection: offer them again
         self.fill()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:

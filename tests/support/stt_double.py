@@ -35,6 +35,7 @@ class SessionRecord:
     api_key: str | None
     opened_at: float = 0.0  # time.monotonic() of the handshake
     bytes_received: int = 0
+    audio: bytearray = field(default_factory=bytearray)  # with keep_audio: every byte, in order
     frame_sizes: list[int] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)  # time.monotonic() of each frame
     finals_sent: int = 0
@@ -78,6 +79,9 @@ class SttDouble:
         self.tls = tls
         self.port = 0
         self.faults = Faults()
+        # Keep what each session received (`SessionRecord.audio`): off, as a
+        # benchmark streams hours of audio through the double.
+        self.keep_audio = False
         self.sessions: list[SessionRecord] = []
         self.refused = 0
         self.refused_at: list[float] = []  # time.monotonic() of every refused handshake
@@ -184,6 +188,8 @@ class SttDouble:
                 if not message:
                     raise AssertionError("client sent an empty audio frame")
                 record.bytes_received += len(message)
+                if self.keep_audio:
+                    record.audio += message
                 record.frame_sizes.append(len(message))
                 scripted, self.faults.scripted_frames = self.faults.scripted_frames, []
                 for frame in scripted:
