@@ -62,15 +62,14 @@ def plan(options: Mapping[str, Any], stored: Mapping[str, Any], allowed: Sequenc
             changes[dotted] = leaf
     if len(changes) > MAX_SET_KEYS:
         return Plan(dict(stored), [Refused("options", f"more than {MAX_SET_KEYS} keys")])
-    for dotted in changes:
-        reason = remote_refusal(dotted, allowed)
-        if reason:
-            refused.append(Refused(dotted, reason))
-    if refused:
-        return Plan(dict(stored), refused)
-    values = {key: value for key, value in changes.items() if value is not None}
-    refused = [Refused(problem.key or "options", f"invalid: {problem.message}")
-               for problem in validate_layer(values, source)]
+    not_allowed = {dotted: reason for dotted in changes
+                   if (reason := remote_refusal(dotted, allowed))}
+    refused += [Refused(dotted, reason) for dotted, reason in not_allowed.items()]
+    # Every key is judged, so that one answer names every problem.
+    values = {key: value for key, value in changes.items()
+              if value is not None and key not in not_allowed}
+    refused += [Refused(problem.key or "options", f"invalid: {problem.message}")
+                for problem in validate_layer(values, source)]
     if refused:
         return Plan(dict(stored), refused)
     # A key set or removed replaces what the layer held at it and under it

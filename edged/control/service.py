@@ -50,6 +50,10 @@ LoadConfig = Callable[[Mapping[str, Any] | None], LoadedConfig]
 QUEUE_LIMIT = 16
 DROPPED_LOG_EVERY_S = 10.0
 RETAINED_TOPICS_REMEMBERED = 64
+# A reload that changed the mqtt section answers through a new client, which
+# is still connecting: the answer waits this long for it.
+RESPONSE_WAIT_S = 10.0
+RESPONSE_POLL_S = 0.05
 
 
 def settle_remote_layer(loaded: LoadedConfig) -> None:
@@ -166,7 +170,16 @@ class Control:
             log.info("control.request verb=%s source=%s status=%s%s", verb, source,
                      response.status, f" error={loggable(response.error)}"
                      if response.error else "")
-            self.daemon.publisher.publish_now(response_topic, response.payload(), qos=1)
+            await self._respond(response_topic, response.payload())
+
+    async def _respond(self, topic: str, payload: bytes) -> None:
+        deadline = time.monotonic() + RESPONSE_WAIT_S
+        while not self.daemon.publisher.connected:  # the daemon's client, whichever it is now
+            if time.monotonic() > deadline:
+                log.warning("control.response_lost topic=%s reason=mqtt_down", loggable(topic))
+                return
+            await asyncio.sleep(RESPONSE_POLL_S)
+        self.daemon.publisher.publish_now(topic, payload, qos=1)
 
     async def _answer(self, request: Request, source: str) -> Response:
         try:
