@@ -22,8 +22,8 @@ import pytest
 
 from tests.conftest import API_KEY, Stack
 from tests.support.broker import Mosquitto, Subscriber
-from tests.support.stt_double import SttDouble
 from tests.support.storage import read_only
+from tests.support.stt_double import SttDouble
 from tests.support.waiting import assert_quiet, wait_until
 
 ON = {"enabled": True}
@@ -78,7 +78,8 @@ def test_each_verb_answers_and_malformed_requests_get_errors(
     health = until_answering(subscriber, "testpi")
     assert health["status"] == "ok"
     assert health["data"]["device"] == "testpi"
-    assert isinstance(health["data"]["healthy"], bool) and health["data"]["verdict"]
+    assert isinstance(health["data"]["healthy"], bool)
+    assert health["data"]["verdict"]
     assert "outbox_depth" in health["data"]  # the state as the state topic has it
 
     config = ask(subscriber, "testpi", "config", {})
@@ -96,11 +97,14 @@ def test_each_verb_answers_and_malformed_requests_get_errors(
                          (b"\xff\xfe", "not UTF-8"), (b"[" * 60_000, "nested too deeply"),
                          (b'{"options": "all"}', '"options" must be an object')]:
         answer = ask(subscriber, "testpi", "config", payload)
-        assert answer["status"] == "error" and why in answer["error"], answer
+        assert answer["status"] == "error", answer
+        assert why in answer["error"], answer
     unknown = ask(subscriber, "testpi", "self_destruct", {})
-    assert unknown["status"] == "error" and "unknown verb" in unknown["error"]
+    assert unknown["status"] == "error"
+    assert "unknown verb" in unknown["error"]
     odd = ask(subscriber, "testpi", "reload", b'{"transaction": {"nested": true}}')
-    assert odd["status"] == "error" and "transaction" in odd["error"]
+    assert odd["status"] == "error"
+    assert "transaction" in odd["error"]
     assert "transaction" not in odd
 
     # Refused keys: each named with its reason; nothing changes.

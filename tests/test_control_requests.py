@@ -35,7 +35,8 @@ def answer(verb: str, payload: bytes) -> Response:
     assert isinstance(decided, Response), f"expected an error response, got {decided}"
     assert decided.status == "error"
     body = json.loads(decided.payload())  # always valid JSON, whatever came in
-    assert body["status"] == "error" and body["error"] == decided.error
+    assert body["status"] == "error"
+    assert body["error"] == decided.error
     return decided
 
 
@@ -46,15 +47,18 @@ def answer(verb: str, payload: bytes) -> Response:
 def test_a_verb_without_arguments_takes_an_empty_payload_or_an_object(
         payload: bytes, effect: object) -> None:
     decided = parse("health_check", payload)
-    assert isinstance(decided, Request) and decided.effect == effect
+    assert isinstance(decided, Request)
+    assert decided.effect == effect
 
 
 def test_config_is_a_get_without_options_and_a_set_with_them() -> None:
     get = parse("config", b"")
-    assert isinstance(get, Request) and get.effect == ShowConfig()
+    assert isinstance(get, Request)
+    assert get.effect == ShowConfig()
     options = {"audio": {"silent_after_s": 5}}
     put = parse("config", json.dumps({"options": options, "transaction": 7}).encode())
-    assert isinstance(put, Request) and put.effect == SetConfig(options)
+    assert isinstance(put, Request)
+    assert put.effect == SetConfig(options)
     assert put.transaction == 7
     assert parse("reload", b"{}") == Request("reload", Reload())
 
@@ -136,6 +140,7 @@ def test_refused_keys_are_named_with_their_reasons_and_nothing_changes() -> None
         "control.enabled": "never settable remotely",
         "stt.api_key": "never settable remotely",
         "state_dir": "never settable remotely",
+        "audio.silent_after_s": "invalid: Input should be greater than or equal to 0 (got -1)",
     }
     assert planned.layer == stored
 
@@ -220,7 +225,8 @@ def test_a_damaged_layer_is_left_out_with_a_reason(tmp_path: Path, content: byte
     config = _layer_config(tmp_path)
     layer.path_in(tmp_path / "state").write_bytes(content)
     loaded = load_config([config], environ={})
-    assert loaded.remote is not None and loaded.remote.damaged
+    assert loaded.remote is not None
+    assert loaded.remote.damaged
     assert loaded.settings.audio.silent_after_s == 60.0
     assert "stolen" not in loaded.remote.damaged
 
@@ -230,12 +236,14 @@ def test_a_fifo_or_a_symlink_is_not_a_layer_and_does_not_block(tmp_path: Path) -
     path = layer.path_in(tmp_path / "state")
     os.mkfifo(path)
     loaded = load_config([config], environ={})
-    assert loaded.remote is not None and loaded.remote.damaged == "not a regular file"
+    assert loaded.remote is not None
+    assert loaded.remote.damaged == "not a regular file"
     path.unlink()
     (tmp_path / "elsewhere.json").write_text('{"mqtt": {"partials": true}}')
     path.symlink_to(tmp_path / "elsewhere.json")
     loaded = load_config([config], environ={})
-    assert loaded.remote is not None and loaded.remote.damaged == "not a regular file"
+    assert loaded.remote is not None
+    assert loaded.remote.damaged == "not a regular file"
 
 
 def test_a_key_no_longer_allowed_is_ignored_not_applied(tmp_path: Path) -> None:
@@ -245,7 +253,8 @@ def test_a_key_no_longer_allowed_is_ignored_not_applied(tmp_path: Path) -> None:
     layer.write(layer.path_in(tmp_path / "state"), {"mqtt": {"partials": True}})
     loaded = load_config([config], environ={})
     assert loaded.settings.mqtt.partials is False
-    assert loaded.remote is not None and loaded.remote.ignored == ["mqtt.partials"]
+    assert loaded.remote is not None
+    assert loaded.remote.ignored == ["mqtt.partials"]
 
 
 # -- the verdict -------------------------------------------------------------------------
