@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -51,10 +51,12 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for _, dotted, _, _ in _SETTING_FLAGS}
 
 
-def _load(args: argparse.Namespace, *, unreadable_ok: bool = False) -> LoadedConfig:
+def _load(args: argparse.Namespace, *, unreadable_ok: bool = False,
+          remote: Mapping[str, Any] | None = None) -> LoadedConfig:
     from edged.config import load_config
 
-    return load_config(args.config, flags=_flags(args), unreadable_ok=unreadable_ok)
+    return load_config(args.config, flags=_flags(args), unreadable_ok=unreadable_ok,
+                       remote=remote)
 
 
 def _config_failed(error: ConfigError) -> int:
@@ -86,13 +88,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("stt.no_api_key host=%s hint=sudo scripts/install --api-key-stdin, "
                     "or set stt.api_key_file or EDGED_STT__API_KEY",
                     urlsplit(settings.stt.url).hostname)
+    from edged.control.service import settle_remote_layer
     from edged.supervisor import run_daemon  # imports ALSA and paho only when running
 
     def load() -> Settings:  # the first time it cannot fail: this was just validated
-        return _load(args).settings
+        loaded = _load(args)
+        settle_remote_layer(loaded)  # a damaged remote layer is moved aside
+        return loaded.settings
+
+    def inspect(remote: Mapping[str, Any] | None = None) -> LoadedConfig:
+        return _load(args, remote=remote)
 
     try:
-        return asyncio.run(run_daemon(load))
+        return asyncio.run(run_daemon(load, inspect))
     except ConfigError as error:  # found only when used: a TLS file, the audio format
         log.error("edged.config_error error=%s", error)
         return _config_failed(error)
@@ -109,21 +117,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     user could read is valid."""
     import json
 
-    from edged.config import UNKNOWN, effective_items, missing_key_warning, service_user_warnings
+    from edged.config import UNKNOWN, config_report
 
     try:
         loaded = _load(args, unreadable_ok=True)
     except ConfigError as error:
         return _config_failed(error)
+    report = config_report(loaded)
     rows = [(key, "?" if value is UNKNOWN else json.dumps(value), source)
-            for key, value, source in effective_items(loaded)]
+            for key, value, source in report.items]
     width = max(len(key) + len(value) + 3 for key, value, _ in rows)
     for key, value, source in rows:
         print(f"{key} = {value}".ljust(width), f"# {source}")
-    warnings = [str(note) for note in loaded.unreadable]
-    warnings += service_user_warnings(loaded)
-    missing_key = missing_key_warning(loaded)
-    warnings += [missing_key] if missing_key else []
+    warnings = report.warnings
     for warning in warnings:
         print(f"edged: warning: {warning}", file=sys.stderr)
     if loaded.unreadable:

@@ -620,6 +620,7 @@ class LoadedConfig:
     # and the installed credentials read outside systemd by another user).
     unreadable: list[Unreadable] = field(default_factory=list)
     secret_files: list[SecretFile] = field(default_factory=list)
+    remote: RemoteLayer | None = None  # the layer `config` set writes (edged.control)
 
     def source_of(self, dotted: str) -> str:
         return _source_of(self.layers, dotted)
@@ -651,6 +652,7 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     unreadable_ok: bool = False,
+    remote: Mapping[str, Any] | None = None,
 ) -> LoadedConfig:
     """Build the effective settings, or raise ConfigError naming every
     problem, each with its key and source (`ConfigError.problems`).
@@ -660,7 +662,8 @@ def load_config(
     process has no permission to read is not an error but listed in
     `LoadedConfig.unreadable` (its secret is then unknown): for
     `check-config` run by a user other than the service's, and for commands
-    that need no secret.
+    that need no secret. `remote` stands in for the remote layer's file (a
+    `config` set tries its candidate layer before writing it).
     """
     environ = os.environ if environ is None else environ
     if config_paths is None:
@@ -676,9 +679,12 @@ def load_config(
 
     device_id = _pick_device_id([*files.base, env, flag_layer])
     device_layers = _device_layers(files, device_id, problems)
+    remote_layer = None if problems else _remote_layer(
+        [*files.base, *device_layers, env, flag_layer], remote)
+    remote_values = [remote_layer.layer] if remote_layer and remote_layer.layer.values else []
     unreadable: list[Unreadable] = []
     credentials = _credential_layers(environ, [env, flag_layer], problems, unreadable)
-    layers = [*files.base, *device_layers, *credentials, env, flag_layer]
+    layers = [*files.base, *device_layers, *remote_values, *credentials, env, flag_layer]
     secret_files: list[SecretFile] = []
     for file_key, secret_key in SECRET_FILES.items():
         layers = _resolve_secret_file(layers, file_key, secret_key, problems,
@@ -695,7 +701,7 @@ def load_config(
         failure = ConfigError.of(problems)
         failure.warnings = [str(note) for note in unreadable]
         raise failure
-    return LoadedConfig(settings, layers, unreadable, secret_files)
+    return LoadedConfig(settings, layers, unreadable, secret_files, remote_layer)
 
 
 def _pick_device_id(layers: Sequence[Layer]) -> str | None:
@@ -1038,3 +1044,125 @@ def service_user_warnings(loaded: LoadedConfig, user: str = SERVICE_USER) -> lis
                 f"as a systemd credential (sudo scripts/install {_INSTALL_OPTION[used.key]} "
                 f"{used.path})")
     return warnings
+
+
+# ---------------------------------------------------------------------------
+# The remote layer: what a `config` set over MQTT wrote (edged.control), a
+# file in the state directory. Above the files (a fleet's shared files set
+# the defaults; one device is then tuned remotely), below the environment and
+# the flags (what the unit or the command line says still wins).
+
+# Never settable remotely, whatever control.allowed_keys says: control itself
+# (a remote change must not widen what remote changes may do), the state
+# directory (the layer lives in it), and the secrets (they would be written
+# in clear where the outbox lives, and a remote key swap could send the audio
+# to someone else's account).
+NEVER_REMOTE = ("control", "state_dir", *sorted(SECRET_KEYS), *sorted(SECRET_FILES))
+
+
+@dataclass(frozen=True)
+class RemoteLayer:
+    path: Path
+    stored: dict[str, Any]  # what the file holds, by dotted key ({} when damaged or unreadable)
+    applied: dict[str, Any]  # what of it is in force (allowed now)
+    ignored: list[str] = field(default_factory=list)  # held, but no longer allowed
+    damaged: str | None = None  # why the file is no layer at all (moved aside by the daemon)
+    unreadable: str | None = None  # this process may not read it
+
+    @property
+    def source(self) -> str:
+        return f"remote ({self.path})"
+
+    @property
+    def layer(self) -> Layer:
+        return Layer(self.source, self.applied)
+
+    @property
+    def warnings(self) -> list[str]:
+        if self.damaged:
+            return [f"{self.path} is not a configuration layer ({self.damaged}): left out "
+                    "(edged run moves it aside)"]
+        if self.unreadable:
+            return [f"cannot read {self.path}: {self.unreadable} (its remote settings are "
+                    "not shown; run as root or as the edged user)"]
+        return [f"{key} (from {self.source}): ignored, not in control.allowed_keys"
+                for key in self.ignored]
+
+
+def remote_refusal(dotted: str, allowed: Sequence[str]) -> str | None:
+    """Why a remote `config` set may not change `dotted`, or None."""
+    if any(dotted == key or dotted.startswith(f"{key}.") or key.startswith(f"{dotted}.")
+           for key in NEVER_REMOTE):
+        return "never settable remotely"
+    if not any(dotted == key or dotted.startswith(f"{key}.") for key in allowed):
+        return "not allowed (not in control.allowed_keys)"
+    return None
+
+
+def _highest(layers: Sequence[Layer], dotted: str) -> Any:
+    return next((layer.values[dotted] for layer in reversed(layers) if dotted in layer.values),
+                None)
+
+
+def _remote_layer(layers: Sequence[Layer], candidate: Mapping[str, Any] | None) -> RemoteLayer:
+    """The remote layer that `layers` (files, device sections, environment,
+    flags) point at: its file in their state directory, filtered by their
+    control.allowed_keys; or `candidate` instead of the file."""
+    from edged.control import layer as remote_file
+
+    state_dir = _highest(layers, "state_dir")
+    path = remote_file.path_in(Path(state_dir) if isinstance(state_dir, str)
+                               else _default_state_dir())
+    allowed = _highest(layers, "control.allowed_keys")
+    if not (isinstance(allowed, list) and all(isinstance(key, str) for key in allowed)):
+        allowed = ControlSettings().allowed_keys
+    if candidate is None:
+        try:
+            document = remote_file.read(path)
+        except remote_file.Damaged as error:
+            return RemoteLayer(path, {}, {}, damaged=str(error))
+        except OSError as error:
+            return RemoteLayer(path, {}, {}, unreadable=error.strerror or type(error).__name__)
+    else:
+        document = dict(candidate)
+    source = f"remote ({path})"
+    stored = dict(_flatten(document))
+    never = [key for key in stored if remote_refusal(key, [key])]
+    if never:
+        return RemoteLayer(path, {}, {}, damaged="holds keys never settable remotely: "
+                           + ", ".join(sorted(never)))
+    problems = _layer_problems(Layer(source, stored))
+    if problems:
+        return RemoteLayer(path, {}, {}, damaged="; ".join(
+            f"{problem.key}: {problem.message}" for problem in problems))
+    ignored = [key for key in stored if remote_refusal(key, allowed)]
+    applied = {key: value for key, value in stored.items() if key not in ignored}
+    return RemoteLayer(path, stored, applied, ignored)
+
+
+def validate_layer(values: Mapping[str, Any], source: str) -> list[ConfigError]:
+    """The problems of a partial document of dotted keys, as a config file's
+    would be reported (each key on its own, whatever other sources say)."""
+    return _layer_problems(Layer(source, dict(values)))
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A document of sections as dotted keys (tables such as stt.params stay whole)."""
+    return dict(_flatten(tree))
+
+
+@dataclass(frozen=True)
+class ConfigReport:
+    """What `edged check-config` prints (and the `config` request answers)."""
+
+    items: list[tuple[str, Any, str]]  # (dotted key, value with secrets masked, source)
+    warnings: list[str]
+
+
+def config_report(loaded: LoadedConfig) -> ConfigReport:
+    warnings = [str(note) for note in loaded.unreadable]
+    warnings += service_user_warnings(loaded)
+    missing_key = missing_key_warning(loaded)
+    warnings += [missing_key] if missing_key else []
+    warnings += loaded.remote.warnings if loaded.remote else []
+    return ConfigReport(list(effective_items(loaded)), warnings)

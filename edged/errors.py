@@ -26,6 +26,7 @@ class ConfigError(EdgedError):
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
         self.key = key
         self.source = source
+        self.message = message  # without the key and source
         where = ""
         if key:
             where = f"{key}"

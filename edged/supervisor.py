@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edged import __version__
@@ -50,6 +51,7 @@ from edged.stt.session import SttSession
 from edged.untrusted import loggable
 
 if TYPE_CHECKING:
+    from edged.control.service import LoadConfig
     from edged.metrics import Metrics, Snapshot
 
 log = logging.getLogger("edged")
@@ -61,6 +63,15 @@ STATE_HEARTBEAT_S = 60.0  # re-sent this often even when nothing changed
 AUDIO_STALL_S = 2.0
 
 
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did (SIGHUP, or a remote request that wants to say so)."""
+
+    changed: list[str] = field(default_factory=list)  # sections now in force anew
+    refused: str | None = None  # why the new configuration was refused (the old one stays)
+    needs_restart: list[str] = field(default_factory=list)  # changed, kept until a restart
+
+
 class Daemon:
     def __init__(self, load: Callable[[], Settings], loop: asyncio.AbstractEventLoop):
         settings = load()
@@ -68,7 +79,10 @@ class Daemon:
         self.loop = loop
         self._load = load  # SIGHUP loads again from the same files, variables and flags
         self._reloading = asyncio.Lock()
-        self._reload_tasks: set[asyncio.Task[None]] = set()
+        self._reload_tasks: set[asyncio.Task[ReloadOutcome]] = set()
+        # Called after a reload applied a new configuration, before a new
+        # MQTT client (if any) connects: fleet control follows it there.
+        self.reconfigured: list[Callable[[], None]] = []
         # A state directory that cannot be written is a reported condition:
         # the outbox and the spool fall back to memory and retry, audio flows.
         self.storage = StorageHealth(settings.state_retry_s)
@@ -455,7 +469,7 @@ class Daemon:
         self._reload_tasks.add(task)
         task.add_done_callback(self._reload_tasks.discard)
 
-    async def reload(self) -> None:
+    async def reload(self) -> ReloadOutcome:
         """Apply a new configuration, restarting only the parts it changes.
 
         Buffered audio and queued transcripts stay where they are: a new STT
@@ -465,37 +479,41 @@ class Daemon:
         async with self._reloading:
             self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
             try:
-                await self._reload()
+                return await self._reload()
             finally:
                 self.notifier.send(READY=1, STATUS=self._status_text())
 
-    async def _reload(self) -> None:
+    async def _reload(self) -> ReloadOutcome:
         try:
             new = await asyncio.to_thread(self._load)
         except ConfigError as error:
             log.error("config.reload_refused keeping=current error=%s", loggable(error))
-            return
+            return ReloadOutcome(refused=str(error))
         old = self.settings
         set_secrets(old.secrets + new.secrets)
+        needs_restart = []
         if new.state_dir != old.state_dir:
             log.warning("config.reload state_dir=%s needs a restart; keeping %s",
                         loggable(new.state_dir), loggable(old.state_dir))
             new = new.model_copy(update={"state_dir": old.state_dir})
+            needs_restart.append("state_dir")
         if new.vad != old.vad:
             log.warning("config.reload vad needs a restart; keeping the current vad settings")
             new = new.model_copy(update={"vad": old.vad})
+            needs_restart.append("vad")
         changed = [name for name in Settings.model_fields
                    if getattr(new, name) != getattr(old, name)]
         if not changed:
             log.info("config.reload changed=none")
-            return
+            return ReloadOutcome(needs_restart=needs_restart)
         try:
             await self._apply(new, old)
         except ConfigError as error:
             log.error("config.reload_refused keeping=current error=%s", loggable(error))
-            return
+            return ReloadOutcome(refused=str(error))
         log.info("config.reloaded changed=%s", ",".join(changed))
         self._changed()
+        return ReloadOutcome(changed, needs_restart=needs_restart)
 
     async def _apply(self, new: Settings, old: Settings) -> None:
         publisher = None
@@ -531,6 +549,9 @@ class Daemon:
                 self.publisher.retract_discovery()  # entities that are going away
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
+        for follow in self.reconfigured:
+            follow()
+        if publisher is not None:
             self.publisher.start()
 
     def _apply_audio_levels(self, new: Settings) -> None:
@@ -615,7 +636,17 @@ class Daemon:
         return status
 
 
-async def run_daemon(load: Callable[[], Settings]) -> int:
-    """Run until SIGTERM/SIGINT; `load` gives the settings, at start and on SIGHUP."""
+async def run_daemon(load: Callable[[], Settings], inspect: LoadConfig | None = None) -> int:
+    """Run until SIGTERM/SIGINT; `load` gives the settings, at start and on SIGHUP;
+    `inspect` loads them as check-config does, for fleet control (edged.control)."""
     daemon = Daemon(load, asyncio.get_running_loop())
-    return await daemon.run()
+    if inspect is None:
+        return await daemon.run()
+    from edged.control.service import Control
+
+    control = Control(daemon, inspect)
+    control.attach()  # before the publisher starts: its first connection subscribes
+    try:
+        return await daemon.run()
+    finally:
+        await control.close()

@@ -192,6 +192,13 @@ class MqttPublisher:
         if self.connected:
             self._client.subscribe(topic_filter, qos=1)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop handing messages on `topic_filter` to anyone."""
+        self._subscriptions = {key: handler for key, handler in self._subscriptions.items()
+                               if key != topic_filter}
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
     def _route(self, topic: str, payload: bytes, retained: bool) -> None:
         for topic_filter, handler in self._subscriptions.items():
             if paho.topic_matches_sub(topic_filter, topic):

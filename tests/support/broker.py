@@ -90,13 +90,15 @@ class Message:
 class Subscriber:
     """Subscribes to a topic filter and queues what arrives, in order."""
 
-    def __init__(self, port: int, topic: str = "#"):
+    def __init__(self, port: int, topic: str = "#", login: tuple[str, str] | None = None):
         self.messages: queue.Queue[Message] = queue.Queue()
         self.seen: list[Message] = []
         self.filter = topic
         self._subscribed = queue.Queue[bool]()
         self._synced = queue.Queue[bytes]()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{time.time_ns()}")
+        if login:  # a broker with a password file (and ACLs)
+            self.client.username_pw_set(*login)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
         self.client.on_message = self._on_message
