@@ -549,6 +549,8 @@ class Daemon:
                 self.publisher.retract_discovery()  # entities that are going away
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
+        else:
+            self.publisher.reconfigure(new)
         for follow in self.reconfigured:
             follow()
         if publisher is not None:

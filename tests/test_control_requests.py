@@ -22,6 +22,7 @@ from edged.control.requests import (
     SetConfig,
     ShowConfig,
     parse,
+    parse_number,
     verb_of,
 )
 from edged.control.verdict import judge
@@ -270,3 +271,13 @@ def test_the_verdict_names_each_problem() -> None:
     assert not healthy
     assert verdict == ("status reconnecting (stt: timeout); microphone silent; "
                        "storage full: outbox: No space left on device")
+
+
+@pytest.mark.parametrize(("payload", "parsed"), [
+    (b"6", 6.0), (b" -3.5\n", -3.5), (b"1e1", 10.0),
+    (b"", "not a number"), (b"loud", "not a number"), (b"\xff\xfe", "not a number"),
+    (b"nan", "not a finite number"), (b"-inf", "not a finite number"),
+    (b"1" * 33, "too long for a number"),
+])
+def test_a_number_command_is_a_bare_finite_number(payload: bytes, parsed: float | str) -> None:
+    assert parse_number(payload) == parsed

@@ -186,3 +186,20 @@ def _is_transaction(value: Any) -> bool:
 def _quote(text: str, limit: int = 64) -> str:
     """A name from the request, quoted for an error text (JSON-escaped, bounded)."""
     return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+NUMBER_COMMAND_MAX_BYTES = 32
+
+
+def parse_number(payload: bytes) -> float | str:
+    """A bare number as Home Assistant's number entity sends it ("6", "-3.5"),
+    or why it is none."""
+    if len(payload) > NUMBER_COMMAND_MAX_BYTES:
+        return "too long for a number"
+    try:
+        value = float(payload.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return "not a number"
+    if not math.isfinite(value):
+        return "not a finite number"
+    return value

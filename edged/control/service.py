@@ -25,11 +25,13 @@ from edged.control.requests import (
     SetConfig,
     ShowConfig,
     parse,
+    parse_number,
     verb_of,
 )
 from edged.control.verdict import judge
 from edged.errors import ConfigError
 from edged.logs import mask_secrets
+from edged.mqtt.discovery import gain_settable
 from edged.mqtt.payloads import Topics
 from edged.mqtt.publisher import Message, MqttPublisher
 from edged.storage import condition_of, describe, quarantine
@@ -88,6 +90,10 @@ class Control:
         self._retained_seen: set[str] = set()
         self._dropped = 0
         self._dropped_logged_at = 0.0
+        # The gain a Home Assistant slider asked for last: a drag sends many
+        # values, and only the last one needs carrying out.
+        self._gain_wanted: float | None = None
+        self._gain_setter: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -99,7 +105,7 @@ class Control:
         self._follow()
 
     async def close(self) -> None:
-        for task in [self._worker, *self._tasks]:
+        for task in [self._worker, self._gain_setter, *self._tasks]:
             if task is not None:
                 task.cancel()
         self._worker = None
@@ -109,8 +115,11 @@ class Control:
         current publisher (a reload may have made a new one)."""
         publisher = self.daemon.publisher
         enabled = self.daemon.settings.control.enabled
-        wanted = (publisher.topics.request("+"), publisher.topics.fleet_request("+")) \
-            if enabled else ()
+        wanted: tuple[str, ...] = ()
+        if enabled:
+            wanted = (publisher.topics.request("+"), publisher.topics.fleet_request("+"))
+            if gain_settable(self.daemon.settings):
+                wanted += (publisher.topics.gain_set,)
         if publisher is self._publisher and wanted == self._filters:
             return
         if publisher is self._publisher:  # same client: drop what is no longer wanted
@@ -118,7 +127,8 @@ class Control:
                 if topic_filter not in wanted:
                     publisher.unsubscribe(topic_filter)
         for topic_filter in wanted:
-            publisher.subscribe(topic_filter, self._received)
+            publisher.subscribe(topic_filter, self._gain_received
+                                if topic_filter == publisher.topics.gain_set else self._received)
         if wanted != self._filters:
             log.info("control.%s requests=%s", "enabled" if enabled else "disabled",
                      ",".join(wanted) or "none")
@@ -127,18 +137,7 @@ class Control:
     # -- requests -------------------------------------------------------------
 
     def _received(self, message: Message) -> None:
-        if message.retained:
-            # A retained request is replayed by the broker at every connection
-            # (each reconnect, each restart, each reload that makes a new
-            # client): carried out, a `reload` or a `config` set would run
-            # again and again, and one a tool left behind would steer devices
-            # that join later. Requests are commands, not state: ignored,
-            # with one line per topic to say how to clear it.
-            if message.topic not in self._retained_seen:
-                if len(self._retained_seen) < RETAINED_TOPICS_REMEMBERED:
-                    self._retained_seen.add(message.topic)
-                log.warning("control.retained_request_ignored topic=%s hint=clear it with "
-                            "mosquitto_pub -r -n -t <topic>", loggable(message.topic))
+        if self._retained(message):
             return
         topics = self.daemon.publisher.topics
         source = "fleet" if message.topic.startswith(topics.fleet_request("")) else "device"
@@ -151,6 +150,50 @@ class Control:
                 log.warning("control.requests_dropped count=%d reason=queue_full limit=%d",
                             self._dropped, QUEUE_LIMIT)
                 self._dropped_logged_at, self._dropped = now, 0
+
+    def _gain_received(self, message: Message) -> None:
+        """Home Assistant's gain number: a bare number, set as `audio.gain_db`
+        through the path of a remote `config` set (allowed keys, validation,
+        the remote layer, a reload)."""
+        if self._retained(message):
+            return
+        value = parse_number(message.payload)
+        if isinstance(value, str):
+            log.warning("control.gain_refused reason=%s payload=%s", value,
+                        loggable(message.payload[:40].decode("utf-8", "replace")))
+            return
+        self._gain_wanted = value
+        if self._gain_setter is None or self._gain_setter.done():
+            self._gain_setter = self.daemon.loop.create_task(self._set_gain(), name="control-gain")
+
+    async def _set_gain(self) -> None:
+        while self._gain_wanted is not None:
+            value, self._gain_wanted = self._gain_wanted, None
+            try:
+                ok, error, _ = await self.set_config({"audio": {"gain_db": value}},
+                                                     source="mqtt gain/set")
+            except Exception:  # a bug: said, and the next value still served
+                log.exception("control.gain_failed value=%s", value)
+                continue
+            if not ok:
+                log.warning("control.gain_refused value=%s reason=%s", value, loggable(error))
+
+    def _retained(self, message: Message) -> bool:
+        """Whether to ignore `message` as a retained command."""
+        if message.retained:
+            # A retained request is replayed by the broker at every connection
+            # (each reconnect, each restart, each reload that makes a new
+            # client): carried out, a `reload` or a `config` set would run
+            # again and again, and one a tool left behind would steer devices
+            # that join later. Requests are commands, not state: ignored,
+            # with one line per topic to say how to clear it.
+            if message.topic not in self._retained_seen:
+                if len(self._retained_seen) < RETAINED_TOPICS_REMEMBERED:
+                    self._retained_seen.add(message.topic)
+                log.warning("control.retained_request_ignored topic=%s hint=clear it with "
+                            "mosquitto_pub -r -n -t <topic>", loggable(message.topic))
+            return True
+        return False
 
     async def _work(self) -> None:
         while True:

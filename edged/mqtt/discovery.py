@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edged import __version__
-from edged.config import Settings
+from edged.config import AudioSettings, Settings, remote_refusal
 from edged.mqtt.payloads import Topics
 
 HA_STATE_MAX = 255  # Home Assistant refuses longer states
@@ -28,6 +28,19 @@ class Entity:
     config: dict[str, Any]
 
 
+def gain_settable(settings: Settings) -> bool:
+    """Whether Home Assistant gets a gain number (and fleet control listens
+    to it): control is on and may set `audio.gain_db`."""
+    return settings.control.enabled and remote_refusal(
+        "audio.gain_db", settings.control.allowed_keys) is None
+
+
+def _gain_bounds() -> tuple[float, float]:
+    """`audio.gain_db`'s range, as the configuration validates it."""
+    bounds = {type(rule).__name__: rule for rule in AudioSettings.model_fields["gain_db"].metadata}
+    return float(bounds["Ge"].ge), float(bounds["Le"].le)
+
+
 def node_id(device_id: str) -> str:
     return "edged_" + re.sub(r"[^A-Za-z0-9_-]", "_", device_id)
 
@@ -35,7 +48,20 @@ def node_id(device_id: str) -> str:
 def entities(settings: Settings, topics: Topics) -> list[Entity]:
     state = topics.state
     text = f"{{{{ value_json.text[:{HA_STATE_MAX}] }}}}"
+    controls = []
+    if gain_settable(settings):
+        low, high = _gain_bounds()
+        # Set through fleet control (a remote `config` set of audio.gain_db);
+        # its state is the gain the audio report says is applied.
+        controls.append(Entity("number", "gain", {
+            "name": "Microphone gain", "icon": "mdi:knob", "entity_category": "config",
+            "command_topic": topics.gain_set, "state_topic": topics.audio,
+            "value_template": "{{ value_json.gain_db }}",
+            "min": low, "max": high, "step": 1, "mode": "slider",
+            "unit_of_measurement": "dB",
+        }))
     return [
+        *controls,
         Entity("sensor", "transcript", {
             "name": "Last transcript",
             "icon": "mdi:microphone-message",

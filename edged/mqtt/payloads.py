@@ -47,6 +47,11 @@ class Topics:
     def mute_set(self) -> str:
         return f"{self.root}/mute/set"
 
+    @property
+    def gain_set(self) -> str:
+        """audio.gain_db from a Home Assistant number entity (a bare number)."""
+        return f"{self.root}/gain/set"
+
     def request(self, verb: str) -> str:
         return f"{self.root}/request/{verb}"
 

@@ -260,6 +260,19 @@ class MqttPublisher:
             for topic, _ in discovery.announcements(self.settings, self.topics):
                 self._client.publish(topic, b"", qos=1, retain=True)
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Settings that keep this client (its mqtt section and device are the
+        same): Home Assistant's entities follow them (turning control on or
+        off adds or removes some), the ones that went away are removed."""
+        before = discovery.announcements(self.settings, self.topics)
+        self.settings = settings
+        after = discovery.announcements(settings, self.topics)
+        if not settings.mqtt.discovery or after == before or not self.connected:
+            return  # (a later connection announces what is current)
+        for topic in {topic for topic, _ in before} - {topic for topic, _ in after}:
+            self._client.publish(topic, b"", qos=1, retain=True)
+        self._announce()
+
     def _announce(self) -> None:
         if self.settings.mqtt.discovery and self.connected:
             for topic, payload in discovery.announcements(self.settings, self.topics):
