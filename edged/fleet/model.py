@@ -47,6 +47,7 @@ class Device:
     """One device's row: every field None when unknown."""
 
     id: str
+    has_availability: bool = False
     online: bool | None = None
     has_state: bool = False
     status: str | None = None
@@ -68,7 +69,7 @@ class Device:
 
     @property
     def empty(self) -> bool:
-        return self.online is None and not self.has_state and not self.has_audio
+        return not (self.has_availability or self.has_state or self.has_audio)
 
 
 class Fleet:
@@ -124,6 +125,7 @@ class _Bad(Exception):
 
 
 def _read_availability(device: Device, payload: bytes) -> None:
+    device.has_availability = bool(payload)
     device.online = {b"online": True, b"offline": False}.get(payload.strip())
     if payload and device.online is None:
         device.problems["availability"] = "availability is neither online nor offline"

@@ -18,7 +18,7 @@ ERROR_MARK = "!"
 LEVEL_CELLS = 8
 # (heading, width); the last column takes what is left.
 COLUMNS = (("", 1), ("DEVICE", 0), ("STATUS", 18), ("PROBLEM", 20), ("MUTED", 5),
-           ("LAST TEXT", 9), ("RECONN", 6), ("QUEUED", 6), ("LEVEL dBFS", 21), ("VERSION", 0))
+           ("LAST TEXT", 9), ("RECONN", 6), ("QUEUED", 6), ("LEVEL dBFS", 22), ("VERSION", 0))
 DEVICE_MAX = 24
 
 
