@@ -194,7 +194,7 @@ def test_json_rows_carry_every_field_and_the_age() -> None:
     rows = {row["device"]: row for row in as_json(list(fleet.devices.values()), NOW)}
     assert rows["k"] == {
         "device": "k", "online": True, "status": "streaming", "muted": False, "trouble": None,
-        "last_transcript_at": "2026-03-01T11:58:00Z", "last_transcript_age_s": 120.0,
+        "last_transcript_at": "2026-03-01T11:58:00.000Z", "last_transcript_age_s": 120.0,
         "reconnects": 1, "outbox_depth": 0, "level_dbfs": -33.5, "peak_dbfs": -10.0,
         "clipping": 0.001, "microphone": "ok", "storage": "ok", "version": "0.2.0",
         "error": None}

@@ -150,10 +150,14 @@ def _read_state(device: Device, payload: bytes) -> None:
         if key not in state:
             return None
         try:
-            return parse(state[key])
+            value = parse(state[key])
         except _Bad as problem:
             problems.append(f"{key} {problem}")
             return None
+        if isinstance(value, str) and not value.isprintable():
+            # No edged writes these: kept, to be shown escaped, but marked.
+            problems.append(f"{key} has unprintable characters")
+        return value
 
     device.status = take("status", _text)
     device.version = take("version", _text)
@@ -302,6 +306,13 @@ def transcript_age_s(device: Device, now: datetime) -> float | None:
     return max((now - device.last_transcript_at).total_seconds(), 0.0)
 
 
+def _iso(moment: datetime | None) -> str | None:
+    """In UTC, as the daemon writes it."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def as_json(devices: list[Device], now: datetime | None = None) -> list[dict[str, Any]]:
     """The rows of `edged fleet --json`, in order."""
     now = now or datetime.now(UTC)
@@ -315,7 +326,7 @@ def as_json(devices: list[Device], now: datetime | None = None) -> list[dict[str
             "status": device.status,
             "muted": is_muted(device),
             "trouble": trouble(device)[1],
-            "last_transcript_at": moment.isoformat().replace("+00:00", "Z") if moment else None,
+            "last_transcript_at": _iso(moment),
             "last_transcript_age_s": None if age is None else round(age, 1),
             "reconnects": device.reconnects,
             "outbox_depth": device.outbox_depth,

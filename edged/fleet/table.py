@@ -61,10 +61,11 @@ def _device_name(device: Device) -> str:
 
 def _cells(device: Device, now: datetime) -> list[str]:
     rank_reason = trouble(device)[1]
-    status = "offline" if device.online is False else _text(device.status)
-    problem = "" if rank_reason in (None, status) else rank_reason
+    status = "offline" if device.online is False else device.status
+    # The reason, unless the status says it already (offline, reconnecting).
+    problem = "" if rank_reason in (None, status) else loggable(rank_reason)
     mark = ERROR_MARK if rank_reason is not None or device.problems else " "
-    return [mark, _device_name(device), status, problem, _muted(device),
+    return [mark, _device_name(device), _text(status), problem, _muted(device),
             _age(device, now), _count(device.reconnects), _count(device.outbox_depth),
             _level(device), _text(device.version)]
 
