@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from edged.fleet.model import MAX_DEVICES, MAX_PAYLOAD, Device, Fleet, as_json, ordered, trouble
+from edged.fleet.model import (
+    MAX_DEVICES,
+    MAX_PAYLOAD,
+    MUTED,
+    Device,
+    Fleet,
+    as_json,
+    ordered,
+    trouble,
+)
 from edged.fleet.table import age_text, render
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -66,7 +75,7 @@ def test_each_trouble_says_why_and_healthy_says_nothing() -> None:
     fleet = fleet_of(ONE_OF_EACH)
     reasons = {name: trouble(device)[1] for name, device in fleet.devices.items()}
     assert reasons == {
-        "a-healthy": None, "b-listening": None, "c-muted": "muted",
+        "a-healthy": None, "b-listening": None, "c-muted": None,
         "d-reconnecting": "reconnecting", "e-backlog": "12 queued",
         "f-storage": "storage full", "g-auth": "STT auth failed",
         "h-silent": "microphone silent", "i-stalled": "microphone stalled",
@@ -77,7 +86,7 @@ def test_each_trouble_says_why_and_healthy_says_nothing() -> None:
 def test_a_muted_device_has_released_its_microphone_on_purpose() -> None:
     muted = fleet_of({"m": online({**HEALTHY, "status": "muted", "microphone": "absent",
                                    "muted": True})}).devices["m"]
-    assert trouble(muted)[1] == "muted"
+    assert trouble(muted) == (MUTED, None), "muted is healthy, sorted before the rest"
     # Muted but its disk full: the disk is the news.
     full = fleet_of({"m": online({**HEALTHY, "status": "muted", "storage": "full"})}).devices["m"]
     assert trouble(full)[1] == "storage full"
@@ -234,10 +243,11 @@ def test_the_table_shows_each_field_under_its_heading() -> None:
         "attic": online({**HEALTHY, "status": "muted", "muted": True,
                          "last_transcript_at": None}),
     })
-    assert "3 devices, 2 need a look" in lines[0]
+    assert "3 devices, 1 needs a look" in lines[0]
     rows = rows_of(lines)
     assert list(rows) == ["hall", "attic", "kitchen"]
     assert rows["hall"].startswith("!")
+    assert rows["attic"].startswith(" "), "muted on purpose is no trouble"
     assert rows["kitchen"].startswith(" ")
 
     def cell(name: str, heading: str) -> str:

@@ -38,7 +38,7 @@ STT_REFUSED = 5  # auth_failed, rejected: no retry will fix it
 STORAGE = 6
 BACKLOG = 7
 UNSETTLED = 8  # connecting, reconnecting, stopping, no state yet, an odd payload
-MUTED = 9  # on purpose, and healthy, but not listening: worth seeing
+MUTED = 9  # on purpose and healthy (no reason given), but not listening: before the rest
 HEALTHY = 10
 
 
@@ -254,7 +254,8 @@ def _share(value: Any) -> float | None:
 
 
 def trouble(device: Device) -> tuple[int, str | None]:
-    """How urgently `device` needs a look (lower first) and why; None when it is healthy."""
+    """How urgently `device` needs a look (lower first) and why; None when it is
+    healthy (a muted device is: it is not listening on purpose)."""
     if device.online is False:
         return OFFLINE, "offline"
     if "state" in device.problems:
@@ -283,7 +284,7 @@ def trouble(device: Device) -> tuple[int, str | None]:
     if device.problems:
         return UNSETTLED, "odd " + " and ".join(sorted(device.problems))
     if muted:
-        return MUTED, "muted"
+        return MUTED, None
     return HEALTHY, None
 
 
