@@ -248,6 +248,17 @@ def test_live_view_follows_the_broker_and_quits_on_q(
     shown = wait_until(lambda: screen_when(lambda s: rows(s) == ["porch", "kitchen"]),
                        "the porch, offline, above the kitchen without a restart", timeout=10)
     assert "2 devices, 1 needs a look" in shown
+
+    broker.kill()
+    lost = wait_until(lambda: screen_when(lambda s: "connection to the broker lost" in s),
+                      "the notice of a lost broker", timeout=10)
+    assert rows(lost) == ["porch", "kitchen"], "what was known stays on screen"
+    again = Mosquitto(broker.workdir, port=broker.port).start()
+    try:
+        wait_until(lambda: screen_when(lambda s: "connection to the broker lost" not in s),
+                   "the view to reconnect by itself", timeout=15)
+    finally:
+        again.stop()
     tmux(terminal, "send-keys", "-t", "fleet", "q")
     left = wait_until(lambda: screen_when(lambda s: "fleet exited" in s), "the view to quit")
     assert "fleet exited 0" in left
