@@ -1,4 +1,4 @@
-"""The `edged` command: run, check-config, doctor, monitor, devices, stt-server."""
+"""The `edged` command: run, check-config, doctor, monitor, fleet, devices, stt-server."""
 
 from __future__ import annotations
 
@@ -216,6 +216,22 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                        settings.audio.chunk_ms)
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    try:
+        loaded = _load(args, unreadable_ok=True)
+    except ConfigError as error:
+        return _config_failed(error)
+    for note in loaded.unreadable:
+        if note.secret == "mqtt.password":  # noqa: S105  (the key's name, not a secret)
+            print(f"edged: warning: {note}", file=sys.stderr)
+    from edged.fleet.watch import run_fleet  # paho only now
+
+    try:
+        return run_fleet(loaded.settings, as_json_document=args.json, wait_s=args.wait)
+    except ConfigError as error:  # found only when used: the TLS files
+        return _config_failed(error)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edged.doctor.report import run_doctor
 
@@ -231,6 +247,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not 0.5 <= value <= 60:
         raise argparse.ArgumentTypeError("must be from 0.5 to 60")
+    return value
+
+
+def _wait(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 60:
+        raise argparse.ArgumentTypeError("must be from 0.1 to 60")
     return value
 
 
@@ -267,6 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(monitor)
     monitor.set_defaults(handler=cmd_monitor)
+
+    fleet = commands.add_parser(
+        "fleet", help="every edged on the broker, those in trouble first",
+        description="A live table of every edged on the broker, from their retained state, "
+                    "availability and audio level: status, muted, the age of the last "
+                    "transcript, reconnects, queued transcripts, level, version; devices in "
+                    "trouble first. q or Ctrl-C quits. Into a pipe it prints one table; "
+                    "--json one document. Exit 69 when the broker cannot be used.")
+    _add_config_arguments(fleet)
+    fleet.add_argument("--json", action="store_true",
+                       help="print one JSON document, a list of devices (for fleet tooling)")
+    fleet.add_argument("--wait", type=_wait, default=2.0, metavar="S",
+                       help="with --json or into a pipe: wait at most S seconds for the "
+                            "retained messages (default 2)")
+    fleet.set_defaults(handler=cmd_fleet)
 
     doctor = commands.add_parser(
         "doctor", help="check each link live: configuration, storage, microphone, STT, broker",

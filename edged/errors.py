@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd must not restart on it
+EX_UNAVAILABLE = 69  # sysexits.h: a service needed (the broker, for `edged fleet`) is unavailable
 
 
 class EdgedError(Exception):

@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from edged import __version__
@@ -128,6 +129,7 @@ class Daemon:
         self._state_fingerprint = ""
         self._state_sent_at = 0.0
         self._last_state: dict[str, Any] = {}
+        self._last_transcript_at: float | None = None  # wall time of the last final committed
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -204,6 +206,8 @@ class Daemon:
             )
 
         item = self.outbox.add(render, transcribed)
+        self._last_transcript_at = time.time()
+        self._state_changed.set()  # the fleet view shows how long ago a device last heard speech
         self.publisher.submit(item, received_at)
         self.monitor.transcript(json.loads(item.payload))
         if self.settings.mqtt.hermes:
@@ -278,6 +282,9 @@ class Daemon:
             "storage_error": self.storage.reason,
             # An error may quote the service's URL with a key in its query.
             "last_error": mask_secrets(errors[0]) if errors else None,
+            # ISO 8601 UTC: when the last final was committed, null before the
+            # first one since this start (`edged fleet` shows its age).
+            "last_transcript_at": _iso(self._last_transcript_at),
         }
 
     def _metrics_snapshot(self) -> Snapshot:
@@ -636,6 +643,13 @@ class Daemon:
         status = self._fatal.exit_status if isinstance(self._fatal, EdgedError) else 1
         log.error("edged.fatal status=%d error=%s", status, loggable(self._fatal))
         return status
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 async def run_daemon(load: Callable[[], Settings], inspect: LoadConfig | None = None) -> int:

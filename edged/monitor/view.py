@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import socket
 import sys
@@ -27,10 +26,15 @@ from typing import Any
 from edged.config import AudioSettings
 from edged.errors import EX_CONFIG, CaptureError, CaptureFormatError
 from edged.monitor.level import Level, LevelMeter
+from edged.monitor.terminal import BAR_LOW_DBFS, AnsiScreen, write
+from edged.monitor.terminal import bar_cells as _cells
+from edged.monitor.terminal import fit as _fit
+from edged.monitor.terminal import number as _number
+from edged.monitor.terminal import optional_number as _optional_number
+from edged.monitor.terminal import printable as _printable
 
 NOTICE_DIRECT = "no daemon running: showing the microphone directly"
 NOTICE_GONE = "daemon gone, reconnecting…"
-BAR_LOW_DBFS = -60.0  # the bar's left end; quieter than this is room noise on any microphone
 REDRAW_S = 0.2
 RETRY_S = 1.0
 STALE_S = 3.0  # no frame for this long: the daemon's loop is stuck, say so
@@ -93,11 +97,6 @@ def _level_line(level: dict[str, Any], width: int) -> str:
     return prefix + "".join(bar) + suffix + (clip if level.get("clipping") else "")
 
 
-def _cells(value_dbfs: float, cells: int) -> int:
-    fraction = (value_dbfs - BAR_LOW_DBFS) / -BAR_LOW_DBFS
-    return round(min(max(fraction, 0.0), 1.0) * cells)
-
-
 def _state_lines(state: dict[str, Any]) -> list[str]:
     def seconds(key: str) -> str:
         value = state.get(key)
@@ -131,52 +130,12 @@ def _transcript_line(transcript: dict[str, Any]) -> str:
     return f"  {span} #{transcript.get('seq', '?')}: {transcript.get('text', '')}"
 
 
-def _number(value: Any, default: float) -> float:
-    number = _optional_number(value)
-    return default if number is None else number
-
-
-def _optional_number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _printable(line: str) -> str:
-    # Transcript text and error messages come from outside: an escape
-    # sequence in them must not reach the terminal.
-    return "".join(c if c.isprintable() else "?" for c in line)
-
-
-def _fit(line: str, width: int) -> str:
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
 # -- the terminal ------------------------------------------------------------------
 
 
-class _Screen:
-    """The alternate screen, redrawn in place (no clear: that flickers)."""
-
-    def __enter__(self) -> _Screen:
-        self._write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._write("\x1b[?25h\x1b[?1049l")
-
+class _Screen(AnsiScreen):
     def draw(self, frame: dict[str, Any]) -> None:
-        size = shutil.get_terminal_size()
-        # One column spare: writing the last one leaves some terminals about to wrap.
-        lines = [*render(frame, size.columns - 1), "", "Ctrl-C quits"]
-        lines = lines[: max(size.lines, 1)]
-        self._write("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
-
-    @staticmethod
-    def _write(text: str) -> None:
-        # Bytes in the terminal's encoding, so a transcript in another script
-        # cannot stop the monitor on a non-UTF-8 locale.
-        encoding = sys.stdout.encoding or "utf-8"
-        sys.stdout.buffer.write(text.encode(encoding, errors="replace"))
-        sys.stdout.buffer.flush()
+        self.show(render(frame, self.width), "Ctrl-C quits")
 
 
 class _PlainLines(_Screen):
@@ -189,7 +148,7 @@ class _PlainLines(_Screen):
         self._last = ""
         self._printed_at = 0.0
 
-    def __enter__(self) -> _Screen:
+    def __enter__(self) -> _PlainLines:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -202,7 +161,7 @@ class _PlainLines(_Screen):
         line = " | ".join(part for part in render(frame, 500) if part and part != HINT)
         if line != self._last:
             self._last, self._printed_at = line, now
-            self._write(time.strftime("%H:%M:%S ") + line + "\n")
+            write(time.strftime("%H:%M:%S ") + line + "\n")
 
 
 # -- the daemon's socket --------------------------------------------------------------
