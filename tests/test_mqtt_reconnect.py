@@ -1,5 +1,6 @@
 """MQTT reconnects against a real mosquitto: the daemon waits what its log
-says (the jittered schedule of edged/mqtt/backoff.py reaches paho's thread),
+says (the jittered schedule of edged/mqtt/backoff.py reaches paho's thread,
+also for the first retry at start),
 a broker that accepts and then drops it at once sees the waits grow instead
 of a retry a second, and each new connection says `online` and subscribes to
 Home Assistant's birth topic again."""
@@ -7,6 +8,8 @@ Home Assistant's birth topic again."""
 from __future__ import annotations
 
 import re
+import socket
+import threading
 import time
 
 import paho.mqtt.publish as publish
@@ -66,3 +69,38 @@ def test_a_broker_that_keeps_dropping_the_daemon_sees_the_waits_grow(
                    "the configs again, after Home Assistant's birth")
     finally:
         proxy.stop()
+
+
+def test_the_first_retry_at_start_comes_when_the_log_says(stack: Stack, mic: FifoMic) -> None:
+    """A broker that takes the TCP connection and hangs up in the TLS handshake:
+    the daemon's first attempt is at once, the second `retry_in` later (paho,
+    left to itself, would wait twice that after a failed first attempt)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[float] = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted.append(time.monotonic())
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True, name="hang-up").start()
+    try:
+        started = time.monotonic()
+        daemon = stack.daemon(mqtt={"port": listener.getsockname()[1], "tls": True})
+        said = wait_until(lambda: re.search(
+            r"mqtt\.connect_failed .* attempts=1 retry_in=([\d.]+)s", daemon.log),
+            "the first failure's account")
+        assert said is not None
+        retry_in = float(said.group(1))
+        assert 0.5 <= retry_in <= 1.0
+        wait_until(lambda: len(accepted) >= 2, "the second attempt", timeout=10)
+        assert accepted[0] - started < 5.0, "the first attempt is not delayed"
+        gap = accepted[1] - accepted[0]
+        assert retry_in <= gap + 0.01, "not sooner than it said"
+        assert gap <= retry_in + 0.4, "not later than it said"
+    finally:
+        listener.close()

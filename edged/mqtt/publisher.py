@@ -112,6 +112,7 @@ class MqttPublisher:
         # Touched only in paho's thread, which asks it before each of its waits.
         self._schedule = ReconnectSchedule()
         self._refusal: str | None = None  # a refused CONNACK, told with the disconnect after it
+        self._first_attempt = True  # paho's first, from connect_async (see _retry_later)
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -265,6 +266,7 @@ class MqttPublisher:
             self._loop.call_soon_threadsafe(self._disconnected, str(reason), 0, 0.0)
             return
         was_up = self._schedule.up
+        self._first_attempt = False
         delay = self._retry_later(client)
         refusal, self._refusal = self._refusal, None
         if was_up:
@@ -278,17 +280,22 @@ class MqttPublisher:
         # paho calls this inside its `except OSError`: the cause is at hand.
         error = sys.exc_info()[1]
         reason = f"{type(error).__name__}: {error}" if error else "broker unreachable"
-        delay = self._retry_later(client)
+        # paho waits twice after its first attempt fails: once in its
+        # connect_async branch, once more in its reconnect loop.
+        waits, self._first_attempt = (2 if self._first_attempt else 1), False
+        delay = self._retry_later(client, waits)
         self._loop.call_soon_threadsafe(self._connect_failed, reason, delay)
 
-    def _retry_later(self, client: paho.Client) -> float:
+    def _retry_later(self, client: paho.Client, waits: int = 1) -> float:
         """The wait before paho's next attempt, set just before paho starts it
-        (every wait of paho's follows an on_disconnect or an on_connect_fail).
+        (every wait of paho's follows an on_disconnect or an on_connect_fail),
+        in `waits` equal parts when paho is about to wait more than once.
         paho waits `min_delay` after a reset, doubling up to `max_delay`: with
         both the same it waits exactly that; its wait is float arithmetic
         (sleeps of at most 1 s, so a stop ends it), whatever its annotation says."""
         delay = self._schedule.next_delay(time.monotonic())
-        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        part = delay / waits
+        client.reconnect_delay_set(min_delay=part, max_delay=part)  # type: ignore[arg-type]
         return delay
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:

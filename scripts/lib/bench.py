@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +145,16 @@ class Comeback:
     @property
     def all_back_s(self) -> float:
         return max(self.back_s)
+
+
+def connected_after(log: Path, since: float) -> float:
+    """The wall-clock time of edged's first `mqtt.connected` at or after `since`."""
+    for line in log.read_text(errors="replace").splitlines():
+        if " mqtt.connected " in line:
+            at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if at >= since:
+                return at
+    raise RuntimeError(f"no mqtt.connected after {since} in {log}")
 
 
 class LogCounter:
@@ -371,9 +382,10 @@ class Bench:
         with its FIFO microphone at real time (silence, 250 ms periods), through
         a broker restart without a pause, a broker outage of `outage_s` (stopped,
         then started again on the same port) and an STT outage as long
-        (connections cut, handshakes refused with 503). Back means: a
-        subscriber that joined as the broker came back sees the daemon's
-        `online`; a new STT session is opened."""
+        (connections cut, handshakes refused with 503). Back means: the
+        daemon logs `mqtt.connected` (its CONNACK, to the millisecond; a
+        subscriber that joined as the broker came back must also see every
+        daemon's `online`); the STT double opens a new session."""
         homes = [self.home() for _ in range(daemons)]
         mics = [FifoMic(home, speed=1.0, period_ms=250) for home in homes]
         devices = [f"fleet-{number:02d}" for number in range(daemons)]
@@ -391,10 +403,10 @@ class Bench:
                 time.sleep(0.1)
             self.check_alive(processes, homes)
             print(f"{daemons} daemons online; the broker restarts", flush=True)
-            restart = self.broker_outage(devices, 0.0)
+            restart = self.broker_outage(homes, devices, 0.0)
             time.sleep(35)  # connections stable again: the backoff starts afresh
             print(f"the broker goes for {outage_s:.0f} s", flush=True)
-            broker = self.broker_outage(devices, outage_s)
+            broker = self.broker_outage(homes, devices, outage_s)
             self.check_alive(processes, homes)
             print(f"the STT service goes for {outage_s:.0f} s", flush=True)
             stt = self.stt_outage(daemons, outage_s)
@@ -437,20 +449,22 @@ class Bench:
                 online.setdefault(device, message.received_at)
         return online
 
-    def broker_outage(self, devices: list[str], outage_s: float) -> Comeback:
+    def broker_outage(self, homes: list[Path], devices: list[str], outage_s: float) -> Comeback:
         self.broker.stop()
         time.sleep(outage_s)
+        starting = time.time()
         self.broker.start()  # the same port
-        returned = time.monotonic()
+        returned = time.time()  # it listens
         # Subscribed before most daemons are back (mosquitto keeps no retained
-        # messages across a restart here): a daemon back sooner still shows,
-        # its retained `online` arriving with the subscription, a little late.
+        # messages across a restart here); one back sooner still shows, its
+        # retained `online` arriving with the subscription.
         watcher = Subscriber(self.broker.port, "edged/+/availability")
         try:
-            online = self.availability(watcher, devices, timeout=300)
+            self.availability(watcher, devices, timeout=300)
         finally:
             watcher.close()
-        return Comeback(outage_s, [at - returned for at in online.values()], len(devices))
+        back = [connected_after(home / "log", starting) - returned for home in homes]
+        return Comeback(outage_s, back, len(devices))
 
     def stt_outage(self, daemons: int, outage_s: float) -> Comeback:
         before = len(self.stt.sessions)
