@@ -1,13 +1,14 @@
 """The MQTT publisher: availability, retained state, transcripts from the outbox.
 
-paho-mqtt runs its network loop in its own thread and reconnects by itself;
-its callbacks are marshalled onto the asyncio loop, which alone touches the
-outbox. The outbox is the only store of transcripts: paho is handed a window
-of at most `WINDOW` of them at a time (the next ones as PUBACKs come in), and
-its own queue is capped, so a broker that never acknowledges costs disk, not
-memory. paho keeps a QoS 1 message until PUBACK and re-sends it after a
-reconnect; the outbox row is deleted only on PUBACK. What is left at exit is
-published on the next start.
+paho-mqtt runs its network loop in its own thread and reconnects by itself,
+waiting between attempts what `edged.mqtt.backoff` says (jittered, so that a
+fleet does not come back all at once); its callbacks are marshalled onto the
+asyncio loop, which alone touches the outbox. The outbox is the only store of
+transcripts: paho is handed a window of at most `WINDOW` of them at a time
+(the next ones as PUBACKs come in), and its own queue is capped, so a broker
+that never acknowledges costs disk, not memory. paho keeps a QoS 1 message
+until PUBACK and re-sends it after a reconnect; the outbox row is deleted only
+on PUBACK. What is left at exit is published on the next start.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edged.config import MqttSettings, Settings
 from edged.errors import ConfigError
 from edged.mqtt import discovery
+from edged.mqtt.backoff import ReconnectSchedule
 from edged.mqtt.payloads import OFFLINE, ONLINE, Topics
 from edged.outbox import Key, Outbox, OutboxItem
 from edged.untrusted import loggable
@@ -127,12 +129,15 @@ class MqttPublisher:
         self._refused: set[Key] = set()
         # Topic filter -> handler, subscribed again on every connection.
         self._subscriptions: dict[str, MessageHandler] = {}
+        # Touched only in paho's thread, which asks it before each of its waits.
+        self._schedule = ReconnectSchedule()
+        self._refusal: str | None = None  # a refused CONNACK, told with the disconnect after it
+        self._first_attempt = True  # paho's first, from connect_async (see _retry_later)
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
         client = make_client(self.settings, self.settings.mqtt_client_id, reconnect=True)
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(WINDOW)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
@@ -316,8 +321,9 @@ class MqttPublisher:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
                     reason: ReasonCode, properties: Any) -> None:
         if reason.is_failure:
-            self._loop.call_soon_threadsafe(self._connect_failed, f"refused: {reason}")
+            self._refusal = f"refused: {reason}"  # paho disconnects next, then waits
             return
+        self._schedule.connected(time.monotonic())
         client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
         if self.settings.mqtt.discovery:
             client.subscribe(discovery.birth_topic(self.settings), qos=1)
@@ -327,13 +333,41 @@ class MqttPublisher:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Any) -> None:
-        self._loop.call_soon_threadsafe(self._disconnected, str(reason))
+        if self._stopping:  # we asked for it: no next attempt
+            self._loop.call_soon_threadsafe(self._disconnected, str(reason), 0, 0.0)
+            return
+        was_up = self._schedule.up
+        self._first_attempt = False
+        delay = self._retry_later(client)
+        refusal, self._refusal = self._refusal, None
+        if was_up:
+            self._loop.call_soon_threadsafe(self._disconnected, str(reason),
+                                            self._schedule.failures, delay)
+        else:
+            self._loop.call_soon_threadsafe(
+                self._connect_failed, refusal or f"closed before CONNACK: {reason}", delay)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`: the cause is at hand.
         error = sys.exc_info()[1]
         reason = f"{type(error).__name__}: {error}" if error else "broker unreachable"
-        self._loop.call_soon_threadsafe(self._connect_failed, reason)
+        # paho waits twice after its first attempt fails: once in its
+        # connect_async branch, once more in its reconnect loop.
+        waits, self._first_attempt = (2 if self._first_attempt else 1), False
+        delay = self._retry_later(client, waits)
+        self._loop.call_soon_threadsafe(self._connect_failed, reason, delay)
+
+    def _retry_later(self, client: paho.Client, waits: int = 1) -> float:
+        """The wait before paho's next attempt, set just before paho starts it
+        (every wait of paho's follows an on_disconnect or an on_connect_fail),
+        in `waits` equal parts when paho is about to wait more than once.
+        paho waits `min_delay` after a reset, doubling up to `max_delay`: with
+        both the same it waits exactly that; its wait is float arithmetic
+        (sleeps of at most 1 s, so a stop ends it), whatever its annotation says."""
+        delay = self._schedule.next_delay(time.monotonic())
+        part = delay / waits
+        client.reconnect_delay_set(min_delay=part, max_delay=part)  # type: ignore[arg-type]
+        return delay
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if message.topic == discovery.birth_topic(self.settings) and message.payload == ONLINE:
@@ -363,22 +397,25 @@ class MqttPublisher:
         if self.on_connected is not None:
             self.on_connected()
 
-    def _disconnected(self, reason: str) -> None:
+    def _disconnected(self, reason: str, failures: int, retry_in: float) -> None:
         if self.connected:
             if self._stopping:
                 log.info("mqtt.disconnected reason=%s", loggable(reason))  # we asked for it
             else:
-                log.warning("mqtt.disconnected reason=%s", loggable(reason))
+                # `failures` counts since the last stable connection, so a broker
+                # that keeps dropping us is seen to push the waits up.
+                log.warning("mqtt.disconnected reason=%s failures=%d retry_in=%.2fs",
+                            loggable(reason), failures, retry_in)
         self.connected = False
 
-    def _connect_failed(self, reason: str) -> None:
+    def _connect_failed(self, reason: str, retry_in: float) -> None:
         self.connect_failures += 1
         self.last_error = f"mqtt: {reason}"
-        # paho retries every 1..30 s; one line per few attempts is enough.
+        # Retries come every 0.5..60 s; one line per few attempts is enough.
         if self.connect_failures in (1, 2, 5) or self.connect_failures % 20 == 0:
-            log.warning("mqtt.connect_failed host=%s port=%d attempts=%d reason=%s",
-                        loggable(self.settings.mqtt.host), self.settings.mqtt.port,
-                        self.connect_failures, loggable(reason))
+            log.warning("mqtt.connect_failed host=%s port=%d attempts=%d retry_in=%.2fs "
+                        "reason=%s", loggable(self.settings.mqtt.host), self.settings.mqtt.port,
+                        self.connect_failures, retry_in, loggable(reason))
 
     def _published(self, mid: int, refusal: str | None = None) -> None:
         key = self._in_flight.pop(mid, None)

@@ -4,7 +4,7 @@ Real mosquitto, real ALSA capture through the file plugin fed by a FIFO at a
 fixed multiple of real time, and the test STT server (tone language, true
 times). Prints one table; docs/performance.md keeps the latest.
 
-    python scripts/lib/bench.py [--quick] [--only never-ack]
+    python scripts/lib/bench.py [--quick] [--only never-ack|fleet-reconnect]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,6 +120,41 @@ class NeverAcknowledged:
     finals_per_s: float  # between the two measurements
     reached_broker: int  # transcripts the broker got (and never acknowledged)
     pubacks_dropped: int
+
+
+@dataclass
+class Comeback:
+    """When each member of a fleet was back after an outage, in seconds from
+    the service's return."""
+
+    outage_s: float
+    back_s: list[float]
+    fleet: int
+
+    @property
+    def largest_share_in_a_second(self) -> float:
+        """The most reconnects any one-second window holds, as a share of the fleet."""
+        times = sorted(self.back_s)
+        return max(sum(1 for t in times if start <= t < start + 1.0)
+                   for start in times) / self.fleet
+
+    @property
+    def spread_s(self) -> float:
+        return max(self.back_s) - min(self.back_s)
+
+    @property
+    def all_back_s(self) -> float:
+        return max(self.back_s)
+
+
+def connected_after(log: Path, since: float) -> float:
+    """The wall-clock time of edged's first `mqtt.connected` at or after `since`."""
+    for line in log.read_text(errors="replace").splitlines():
+        if " mqtt.connected " in line:
+            at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if at >= since:
+                return at
+    raise RuntimeError(f"no mqtt.connected after {since} in {log}")
 
 
 class LogCounter:
@@ -340,6 +376,112 @@ class Bench:
             if state != home / "state":
                 shutil.rmtree(state, ignore_errors=True)
 
+    def fleet_reconnect(self, daemons: int = 50, outage_s: float = 20.0,
+                        ) -> tuple[Comeback, Comeback, Comeback]:
+        """`daemons` edged processes on one mosquitto and one STT double, each
+        with its FIFO microphone at real time (silence, 250 ms periods), through
+        a broker restart without a pause, a broker outage of `outage_s` (stopped,
+        then started again on the same port) and an STT outage as long
+        (connections cut, handshakes refused with 503). Back means: the
+        daemon logs `mqtt.connected` (its CONNACK, to the millisecond; a
+        subscriber that joined as the broker came back must also see every
+        daemon's `online`); the STT double opens a new session."""
+        homes = [self.home() for _ in range(daemons)]
+        mics = [FifoMic(home, speed=1.0, period_ms=250) for home in homes]
+        devices = [f"fleet-{number:02d}" for number in range(daemons)]
+        processes = [self.edged(home, device={"id": device}, audio={"chunk_ms": 250},
+                                stt={"replay_speed": 1.25})
+                     for home, device in zip(homes, devices, strict=True)]
+        try:
+            watcher = Subscriber(self.broker.port, "edged/+/availability")
+            self.availability(watcher, devices, timeout=180)
+            watcher.close()
+            deadline = time.monotonic() + 60
+            while len(self.stt.sessions) < daemons:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(self.stt.sessions)} of {daemons} STT sessions")
+                time.sleep(0.1)
+            self.check_alive(processes, homes)
+            print(f"{daemons} daemons online; the broker restarts", flush=True)
+            restart = self.broker_outage(homes, devices, 0.0)
+            time.sleep(35)  # connections stable again: the backoff starts afresh
+            print(f"the broker goes for {outage_s:.0f} s", flush=True)
+            broker = self.broker_outage(homes, devices, outage_s)
+            self.check_alive(processes, homes)
+            print(f"the STT service goes for {outage_s:.0f} s", flush=True)
+            stt = self.stt_outage(daemons, outage_s)
+            self.check_alive(processes, homes)
+            return restart, broker, stt
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            for mic in mics:
+                mic.stop()
+
+    @staticmethod
+    def check_alive(processes: list[subprocess.Popen[bytes]], homes: list[Path]) -> None:
+        for process, home in zip(processes, homes, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"edged died; see {home / 'log'}")
+
+    @staticmethod
+    def availability(watcher: Subscriber, devices: list[str], timeout: float,
+                     ) -> dict[str, float]:
+        """When each device's `online` arrived (time.monotonic())."""
+        online: dict[str, float] = {}
+        deadline = time.monotonic() + timeout
+        while len(online) < len(devices):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(devices) - set(online))
+                raise RuntimeError(f"not back online after {timeout:.0f} s: {missing}")
+            try:
+                message = watcher.next(timeout=remaining)
+            except TimeoutError:
+                continue
+            device = message.topic.split("/")[1]
+            if message.payload == b"online":
+                online.setdefault(device, message.received_at)
+        return online
+
+    def broker_outage(self, homes: list[Path], devices: list[str], outage_s: float) -> Comeback:
+        self.broker.stop()
+        time.sleep(outage_s)
+        starting = time.time()
+        self.broker.start()  # the same port
+        returned = time.time()  # it listens
+        # Subscribed before most daemons are back (mosquitto keeps no retained
+        # messages across a restart here); one back sooner still shows, its
+        # retained `online` arriving with the subscription.
+        watcher = Subscriber(self.broker.port, "edged/+/availability")
+        try:
+            self.availability(watcher, devices, timeout=300)
+        finally:
+            watcher.close()
+        back = [connected_after(home / "log", starting) - returned for home in homes]
+        return Comeback(outage_s, back, len(devices))
+
+    def stt_outage(self, daemons: int, outage_s: float) -> Comeback:
+        before = len(self.stt.sessions)
+        self.stt.faults.refuse_status, self.stt.faults.refuse_count = 503, 10**6
+        self.stt.abort_connections()
+        time.sleep(outage_s)
+        self.stt.faults.refuse_count = 0
+        returned = time.monotonic()
+        deadline = returned + 300
+        while len(self.stt.sessions) - before < daemons:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(self.stt.sessions) - before} of {daemons} "
+                                   "STT sessions back")
+            time.sleep(0.1)
+        opened = [s.opened_at - returned for s in self.stt.sessions[before:before + daemons]]
+        return Comeback(outage_s, opened, daemons)
+
     def startup(self) -> float:
         home = self.home()
         mic = FifoMic(home, speed=1.0)
@@ -371,6 +513,24 @@ def never_acknowledged_rows(run: NeverAcknowledged) -> list[Row]:
     ]
 
 
+def comeback_rows(name: str, comeback: Comeback) -> list[Row]:
+    return [
+        (f"{name}: largest share of the fleet's reconnects in one second",
+         f"{comeback.largest_share_in_a_second:.0%}", "", ""),
+        (f"{name}: spread, first to last reconnect, s", f"{comeback.spread_s:.1f}", "", ""),
+        (f"{name}: until every daemon is back, s from the return",
+         f"{comeback.all_back_s:.1f}", "", ""),
+    ]
+
+
+def fleet_rows(daemons: int, restart: Comeback, broker: Comeback, stt: Comeback) -> list[Row]:
+    return [
+        *comeback_rows(f"{daemons} daemons, broker restarted at once", restart),
+        *comeback_rows(f"{daemons} daemons, broker gone {broker.outage_s:.0f} s", broker),
+        *comeback_rows(f"{daemons} daemons, STT service gone {stt.outage_s:.0f} s", stt),
+    ]
+
+
 def print_table(rows: list[Row]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'figure'.ljust(width)} | edged | naive client | ratio |")
@@ -382,9 +542,21 @@ def print_table(rows: list[Row]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="shorter runs, rougher figures")
-    parser.add_argument("--only", choices=["never-ack"],
-                        help="run one scenario: never-ack, a broker that never sends PUBACK")
+    parser.add_argument("--only", choices=["never-ack", "fleet-reconnect"],
+                        help="run one scenario: never-ack, a broker that never sends PUBACK; "
+                             "fleet-reconnect, 50 daemons through broker and STT outages")
+    parser.add_argument("--daemons", type=int, default=50, help="fleet-reconnect: how many")
     args = parser.parse_args()
+    if args.only == "fleet-reconnect":
+        with tempfile.TemporaryDirectory(prefix="edged-bench-") as directory:
+            bench = Bench(Path(directory))
+            try:
+                print(f"fleet: {args.daemons} daemons on one broker", flush=True)
+                print_table(fleet_rows(args.daemons,
+                                       *bench.fleet_reconnect(daemons=args.daemons)))
+            finally:
+                bench.close()
+        return 0
     if args.only == "never-ack":
         with tempfile.TemporaryDirectory(prefix="edged-bench-") as directory:
             bench = Bench(Path(directory))

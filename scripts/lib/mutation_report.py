@@ -37,6 +37,7 @@ MODULES = {
     "outbox": "edged/outbox.py",
     "policy": "edged/stt/policy.py",
     "storage": "edged/storage.py",
+    "mqtt_backoff": "edged/mqtt/backoff.py",
 }
 KILLED = {"killed", "timeout", "caught by type check"}
 # | `mutant name` | `the mutated line` | reason |

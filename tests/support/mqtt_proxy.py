@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 
 PUBACK = 4
@@ -61,6 +62,7 @@ class MqttProxy:
         self.port = 0
         self.pubacks_dropped = 0
         self.connections = 0
+        self.connected_at: list[float] = []  # time.monotonic() of each relayed connection
         self.to_client: Counter[int] = Counter()  # packet type -> packets relayed to clients
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -118,6 +120,7 @@ class MqttProxy:
                 client_writer.transport.abort()
                 return
             self.connections += 1
+            self.connected_at.append(time.monotonic())
             self._writers |= {client_writer, broker_writer}
             upstream = asyncio.create_task(self._copy(client_reader, broker_writer))
             try:
