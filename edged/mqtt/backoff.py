@@ -15,7 +15,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-BACKOFF_INITIAL_S = 1.0  # the first ceiling; it doubles with each failure
+# The first ceiling; it doubles with each failure. Not 1 s: a broker that
+# restarts in a second (an upgrade, Home Assistant restarting its add-on)
+# drops the whole fleet at once, and a first wait drawn from 0.5..1 s brings
+# every device back inside the same half second. Drawn from 0.5..5 s, a third
+# of a fleet at most lands in any one second; one device's blip costs its
+# transcripts 2.75 s on average in the outbox.
+BACKOFF_INITIAL_S = 5.0
 BACKOFF_MAX_S = 60.0
 BACKOFF_FLOOR_S = 0.5  # even a connection that dies at once is not retried in a hot loop
 STABLE_CONNECTION_S = 30.0  # a connection that lived this long resets the backoff
