@@ -98,6 +98,35 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
     ]
 
 
+def mute_switch(topics: Topics) -> Entity:
+    """The privacy mute: ON is muted (the microphone closed, nothing sent)."""
+    return Entity("switch", "mute", {
+        "name": "Privacy mute",
+        "icon": "mdi:microphone-off",
+        "command_topic": topics.mute_set,
+        "state_topic": topics.mute,
+        "payload_on": "ON",
+        "payload_off": "OFF",
+        "state_on": "ON",
+        "state_off": "OFF",
+        "retain": False,  # a retained command would replay at every connection (ignored)
+        "optimistic": False,  # on only once edged says so on its state topic
+    })
+
+
+def control_entities(settings: Settings, topics: Topics) -> list[Entity]:
+    """Entities that steer the device: only while `control.enabled` (whoever
+    may publish on their command topics can silence it)."""
+    return [mute_switch(topics)] if settings.control.enabled else []
+
+
+def retired_entities(settings: Settings, topics: Topics) -> list[Entity]:
+    """Entities announced only in some configurations, while they are off:
+    announced with an empty retained config, which removes what an earlier
+    run (with control on) left at the broker and in Home Assistant."""
+    return [] if settings.control.enabled else [mute_switch(topics)]
+
+
 def _diagnostic(component: str, object_id: str, name: str, state_topic: str,
                 extra: dict[str, Any]) -> Entity:
     return Entity(component, object_id, {
@@ -122,7 +151,7 @@ def announcements(settings: Settings, topics: Topics) -> list[tuple[str, bytes]]
     if settings.device.area:
         device["suggested_area"] = settings.device.area
     messages = []
-    for entity in entities(settings, topics):
+    for entity in entities(settings, topics) + control_entities(settings, topics):
         config = {
             **entity.config,
             "unique_id": f"{node}_{entity.object_id}",
@@ -136,6 +165,8 @@ def announcements(settings: Settings, topics: Topics) -> list[tuple[str, bytes]]
         }
         topic = config_topic(settings.mqtt.discovery_prefix, settings.device.id, entity)
         messages.append((topic, json.dumps(config, separators=(",", ":")).encode()))
+    messages += [(config_topic(settings.mqtt.discovery_prefix, settings.device.id, entity), b"")
+                 for entity in retired_entities(settings, topics)]
     return messages
 
 

@@ -120,6 +120,7 @@ class MqttPublisher:
         self.connects = 0  # successful connections: each wants the state again
         self._received_at: dict[Key, float] = {}  # when a handed-over final came in
         self.on_delivered: Callable[[float], None] | None = None  # latency, seconds
+        self.on_connected: Callable[[], None] | None = None  # on the loop, each connection
         self._stopping = False
         # Refused by the broker (an MQTT 5 PUBACK with a failure reason): kept
         # in the outbox, not offered again until the next connection.
@@ -258,6 +259,13 @@ class MqttPublisher:
                 self._client.publish(topic, payload, qos=1, retain=True)
             log.info("mqtt.discovery_announced prefix=%s", self.settings.mqtt.discovery_prefix)
 
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """A retained state of our own (QoS 1), if the broker is there; whether it went out."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=1, retain=True)
+        return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
+
     def publish_state(self, payload: bytes) -> bool:
         """Retained state, if the broker is there; whether it went out."""
         if not self.connected:
@@ -329,6 +337,8 @@ class MqttPublisher:
         self._announce()
         self._refused.clear()  # a new connection: offer them again
         self.fill()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:

@@ -1,0 +1,1 @@
+"""Fleet control over MQTT: remote requests, the privacy mute, remote configuration."""
