@@ -63,7 +63,7 @@ def parse_flag(data: bytes) -> bool | None:
         return None
     try:
         document = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the limit
         return None
     if not isinstance(document, dict):
         return None
