@@ -495,21 +495,25 @@ class Daemon:
 
     async def _follow_mute(self) -> None:
         """Make the daemon what `self.muted` says, each change in turn: the flag
-        on disk first (a crash right after must not forget a mute), then the
-        microphone and the STT session."""
+        on disk and the microphone and STT session at the same time (a disk that
+        hangs must not keep a microphone open; a crash soon after must not
+        forget a mute)."""
         while True:
             await self._mute_changed.wait()
             self._mute_changed.clear()
             muted = self.muted
-            await self.mute_flag.store(muted, self._source)
-            async with self._audio_lock:
-                if self.muted != muted:
-                    continue  # changed again meanwhile: the next turn follows that
-                if muted:
-                    await self._release_audio()
-                else:
-                    await self._listen()
+            await asyncio.gather(self.mute_flag.store(muted, self._source),
+                                 self._follow_audio(muted))
             self._changed()
+
+    async def _follow_audio(self, muted: bool) -> None:
+        async with self._audio_lock:
+            if self.muted != muted:
+                return  # changed again meanwhile: the next turn follows that
+            if muted:
+                await self._release_audio()
+            else:
+                await self._listen()
 
     async def _release_audio(self) -> None:
         """Close the microphone (a mic LED goes off) and the STT session: no
@@ -524,6 +528,9 @@ class Daemon:
         await self._wait_for_session(stt)
         self._stt_task = None
         self.buffer.rest()
+        # A backlog from before the mute (the service was away) gets no more
+        # appends to trigger the spool's once-a-second sync: durable now.
+        self.spool.sync()
         log.info("privacy.released microphone_open=%s stt_state=%s",
                  str(self.capture.stats.open).lower(), self.session.stats.state)
 

@@ -72,6 +72,10 @@ def spooled(stack: Stack) -> list[Path]:
     return list((stack.home / "state").glob("spool/*.spool"))
 
 
+def spooled_bytes(stack: Stack) -> int:
+    return sum(path.stat().st_size for path in spooled(stack))
+
+
 def mute_states(subscriber: Subscriber, since: int = 0) -> list[bytes]:
     """What the retained mute topic said, in order, so far (from seen[since])."""
     subscriber.pending()
@@ -86,13 +90,15 @@ def flag(stack: Stack) -> dict[str, Any]:
 def assert_nothing_heard_while_muted(stack: Stack, stt: SttDouble, mic: FifoMic,
                                      for_s: float = 1.5) -> None:
     """Speech into a muted microphone: nobody reads the FIFO, the STT double
-    gets not one byte and no connection, nothing is spooled."""
+    gets not one byte and no connection, nothing is spooled (a backlog from
+    before the mute, if any, stays as it was)."""
     wait_until(lambda: not mic.reader_attached, "the microphone to be released", timeout=5)
-    before, sessions = received(stt), len(stt.sessions)
+    before, sessions, on_disk = received(stt), len(stt.sessions), spooled_bytes(stack)
     audio, _ = script([["golf", "hotel"]])
     mic.play(audio)
     assert_quiet(lambda: (received(stt) == before and len(stt.sessions) == sessions
-                          and not mic.reader_attached and not mic.idle and not spooled(stack)),
+                          and not mic.reader_attached and not mic.idle
+                          and spooled_bytes(stack) == on_disk),
                  for_s, "no audio may be read, sent or spooled while muted")
     mic.drop_queued()  # said to a closed microphone: gone, not heard after the unmute
 
@@ -132,6 +138,35 @@ def test_mute_over_mqtt_releases_the_microphone_and_the_session_and_unmute_goes_
     assert stt.sessions[1].finals_sent == 1, "nothing from before the mute was sent again"
     assert_no_late_transcripts(subscriber)
     assert not spooled(stack)
+
+
+def test_a_mute_in_an_stt_outage_stops_the_retries_and_the_unmute_sends_the_backlog_once(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    daemon = stack.daemon(control=CONTROL)
+    daemon.wait_for_log("stt.connected")
+    stt.faults.refuse_status, stt.faults.refuse_count = 503, 10_000
+    stt.abort_connections()
+    audio, _ = script([["alpha", "bravo"]])
+    mic.play(audio)  # said before the mute, while the service is away: a backlog
+    mic.wait_idle()
+    wait_until(lambda: stt.refused >= 1, "a refused reconnect")
+    command(stack, b"ON")
+    wait_for_state(subscriber, is_muted)
+    refused = stt.refused
+    assert_nothing_heard_while_muted(stack, stt, mic, for_s=2.0)
+    assert stt.refused == refused, "no reconnect loop while muted"
+
+    stt.faults.refuse_count = 0
+    command(stack, b"OFF")
+    backlog = subscriber.next(TRANSCRIPT, timeout=20).json()
+    assert backlog["text"] == "Alpha bravo.", "said before the mute: sent after it, once"
+    audio, _ = script([["charlie"]])
+    mic.play(audio)
+    after = subscriber.next(TRANSCRIPT, timeout=20).json()
+    assert after["text"] == "Charlie."
+    assert after["seq"] == backlog["seq"] + 1
+    assert_no_late_transcripts(subscriber)
 
 
 @pytest.fixture
