@@ -5,12 +5,15 @@ atomically (a temporary file, fsync, rename, fsync of the directory), so a
 power cut leaves the old flag or the new one, never half of either.
 
 The file is hostile like every byte from outside. No file means never muted.
-A file that cannot be believed (not JSON, no boolean `muted`, too large, not
-readable) means *muted*: a user who muted expects to stay muted, and a mute
-that silently turns itself off after an SD card hiccup would break the one
-promise the feature makes. So doubt keeps the microphone closed, the log says
-so at error level, the damaged file is renamed aside (never deleted) and a
-clean muted flag written in its place; an unmute from the user ends it.
+A file that is there but cannot be believed (not JSON, no boolean `muted`,
+too large, not readable, a directory) means *muted*: a user who muted expects
+to stay muted, and a mute that silently turns itself off after an SD card
+hiccup would break the one promise the feature makes. So doubt keeps the
+microphone closed, the log says so at error level, the damaged file is
+renamed aside (never deleted) and a clean muted flag written in its place; an
+unmute from the user ends it. (A state directory that cannot even be searched
+hides whether there is a flag at all: that is logged, and the daemon listens,
+as it keeps working through every other storage failure; see `read_flag`.)
 
 A flag that cannot be written (full, read-only, unwritable state directory)
 does not stop the mute: it takes effect in memory at once (privacy first),
@@ -111,6 +114,15 @@ def read_flag(path: Path) -> Reading:
     except FileNotFoundError:
         return Reading(muted=False, doubted=False)
     except OSError as error:
+        if not _there(path):
+            # The state directory itself cannot be searched: whether a flag is
+            # in it is unknown, and so is any mute. Storage trouble of that kind
+            # is reported by the outbox and the spool, and the daemon keeps
+            # working, as the storage promise says.
+            log.error("control.mute_flag_unknown file=%s error=%s muted=false "
+                      "why=state_dir_not_searchable", loggable(path.name),
+                      loggable(describe(error)))
+            return Reading(muted=False, doubted=False)
         log.error("control.mute_flag_unreadable file=%s error=%s muted=true "
                   "why=a_user_who_muted_stays_muted", loggable(path.name),
                   loggable(describe(error)))
@@ -122,6 +134,15 @@ def read_flag(path: Path) -> Reading:
         quarantine(path, "not a mute flag")
         return Reading(muted=True, doubted=True)
     return Reading(muted=muted, doubted=False)
+
+
+def _there(path: Path) -> bool:
+    """Whether something is known to be at `path` (not: whether it can be read)."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
 
 
 class MuteFlag:
