@@ -535,8 +535,8 @@ class Daemon:
                  str(self.capture.stats.open).lower(), self.session.stats.state)
 
     async def _wait_for_session(self, stt: asyncio.Task[None]) -> None:
-        """The session sends what it has, then CloseStream, and waits for its
-        last finals, within stt.close_timeout_s."""
+        """The closing session sends what it has, then CloseStream, and waits
+        for its last finals, within stt.close_timeout_s (a mute, a stop)."""
         done, _ = await asyncio.wait([stt], timeout=self.settings.stt.close_timeout_s)
         if not done:
             stt.cancel()
@@ -713,17 +713,8 @@ class Daemon:
         async with self._audio_lock:  # a mute or unmute under way finishes first
             self.capture.stop()
             self.session.close()
-            stt = self._stt_task
-            if stt is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(stt),
-                                           self.settings.stt.close_timeout_s)
-                except TimeoutError:
-                    stt.cancel()
-                    log.warning("stt.close_timeout seconds=%.1f untranscribed_s=%.1f",
-                                self.settings.stt.close_timeout_s,
-                                samples_to_seconds(self.buffer.head
-                                                   - self.session.finals.acknowledged))
+            if self._stt_task is not None:  # none while muted
+                await self._wait_for_session(self._stt_task)
         self._send_state()
 
     def _exit_status(self) -> int:
