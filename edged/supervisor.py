@@ -33,6 +33,7 @@ from edged.audio.spool import Spool
 from edged.audio.telemetry import AudioTelemetry, Context
 from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
+from edged.control.mute import MuteFlag, parse_command, switch_state
 from edged.errors import ConfigError, EdgedError
 from edged.logs import mask_secrets, set_secrets
 from edged.monitor.server import MonitorServer
@@ -42,7 +43,7 @@ from edged.mqtt.payloads import (
     partial_payload,
     transcript_payload,
 )
-from edged.mqtt.publisher import MqttPublisher
+from edged.mqtt.publisher import Message, MqttPublisher
 from edged.outbox import Outbox
 from edged.sdnotify import Notifier
 from edged.storage import StorageHealth, describe, make_directory
@@ -62,6 +63,7 @@ STATE_HEARTBEAT_S = 60.0  # re-sent this often even when nothing changed
 # Capture that delivered nothing for this long has stalled: systemd's
 # watchdog is no longer fed, so it restarts us.
 AUDIO_STALL_S = 2.0
+MUTED = "muted"  # the status, and the microphone's condition, while muted
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,21 @@ class Daemon:
         except OSError as error:
             log.error("storage.state_dir_unusable path=%s error=%s", loggable(settings.state_dir),
                       loggable(describe(error)))
+        # The privacy mute, read before anything could open the microphone.
+        self.mute_flag = MuteFlag(settings.state_dir, self.storage)
+        self.muted = self.mute_flag.load()
+        if self.muted:
+            log.warning("privacy.muted source=state_dir microphone=closed stt=closed")
+        self._listening = False  # capture running and a session task: not while muted
+        self._mute_changed = asyncio.Event()  # the wish changed: _follow_mute acts on it
+        self._audio_lock = asyncio.Lock()  # one change of capture or session at a time
+        self._stt_task: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._mute_sent: tuple[int, int, bool] | None = None  # (client, connects, muted)
         self.outbox = Outbox(settings.state_dir / "outbox.sqlite3", self.storage)
         self.monitor = MonitorServer(settings.state_dir / "monitor.sock", self.state)
         self.publisher = MqttPublisher(settings, self.outbox, loop)
+        self._wire_publisher()
         self.clock = StreamClock()
         self.spool = self._make_spool(settings)
         previous = self.outbox.previous_stream
@@ -121,7 +135,6 @@ class Daemon:
                                               settings.audio.level_change_db, time.monotonic())
         self._audio_report_wanted = asyncio.Event()
         self._mqtt_sessions = 0  # connections made, by any publisher: each wants the report
-        self.publisher.on_connected = self._mqtt_connected
         self._mic_was_open = False
         self._mic_reported = MIC_OK  # the condition the state last said
         self._ready = False
@@ -134,6 +147,7 @@ class Daemon:
         self._state_changed = asyncio.Event()
         self._fatal: BaseException | None = None
         self._stopping = False
+        self._source = "state_dir"  # who asked for the current mute state
 
     def _start_metrics(self) -> None:
         settings = self.settings.metrics
@@ -170,6 +184,10 @@ class Daemon:
     # -- data path callbacks (all on the loop) --------------------------------
 
     def _captured(self, data: bytes) -> None:
+        if self.muted:
+            # Read before the device closed, handed over after the mute: audio
+            # captured while muted never exists, not even in stream time.
+            return
         data = self.gain.apply(data)  # before anything else sees the audio
         if self.audio_telemetry.feed(data):
             self._audio_report_wanted.set()
@@ -236,9 +254,9 @@ class Daemon:
         if mic.open and not self._mic_was_open:  # (re)opened: judged afresh
             self.mic_health.reset(time.monotonic())
         self._mic_was_open = mic.open
-        if not self._ready and (mic.open or mic.reopen_attempts):
+        if not self._ready and (mic.open or mic.reopen_attempts or self.muted):
             # Configured, and capture is open, or known to be absent and being
-            # retried: start-up is over either way, STATUS says which.
+            # retried, or muted (never opened): start-up is over, STATUS says which.
             self._ready = True
             self.notifier.send(READY=1, STATUS=self._status_text())
             # What start-up made (modules, config models and their schemas)
@@ -257,6 +275,7 @@ class Daemon:
                               self.storage.reason) if e]
         return {
             "status": self._status(),
+            "muted": self.muted,
             "version": __version__,
             "device": self.settings.device.id,
             "stt_connected": stt.state == "connected",
@@ -309,6 +328,8 @@ class Daemon:
     def _status(self) -> str:
         if self._stopping:
             return "stopping"
+        if self.muted:
+            return MUTED
         if not self.capture.stats.open:
             return "no_microphone"
         if self._mic_condition() == STALLED:
@@ -367,12 +388,16 @@ class Daemon:
         """Audio is arriving, or the microphone is absent and being retried
         (restarting would not bring it back). An open microphone that has
         gone quiet is a stall: that one a restart may cure."""
+        if self.muted:
+            return True  # muted is healthy: a restart would only mute again
         mic = self.capture.stats
         if not mic.open:
             return mic.reopen_attempts > 0
         return self._mic_condition() != STALLED
 
     def _mic_condition(self) -> str:
+        if self.muted:
+            return MUTED  # closed on purpose: neither absent, stalled nor silent
         return self.mic_health.condition(self.capture.stats.open, time.monotonic())
 
     async def _watch_microphone(self) -> None:
@@ -385,6 +410,10 @@ class Daemon:
     def _judge_microphone(self) -> None:
         condition = self._mic_condition()
         if condition == self._mic_reported:
+            return
+        if MUTED in (condition, self._mic_reported):  # closed on purpose, or opened again
+            self._mic_reported = condition
+            self._state_changed.set()
             return
         if condition in (STALLED, SILENT):
             log.warning("microphone.%s device=%s", condition, self.settings.audio.device)
@@ -410,8 +439,10 @@ class Daemon:
             self._send_audio()
 
     def _mqtt_connected(self) -> None:
+        """Each new connection, of any publisher: the retained reports again."""
         self._mqtt_sessions += 1
         self._audio_report_wanted.set()
+        self._send_mute_state()
 
     def _send_audio(self) -> None:
         if not self.publisher.connected:
@@ -434,7 +465,7 @@ class Daemon:
 
     def _state_moving(self) -> bool:
         state = self._last_state
-        return (state.get("status") not in ("streaming", "listening")
+        return (state.get("status") not in ("streaming", "listening", MUTED)
                 or not state.get("mqtt_connected") or bool(state.get("buffered_s"))
                 or bool(state.get("outbox_depth")) or state.get("storage") != "ok")
 
@@ -449,6 +480,7 @@ class Daemon:
                 self.publisher.fill()
             if self.spool.retry() and self.buffer.spooling:
                 self.buffer.persist()
+            await self.mute_flag.retry()
             self._changed()
 
     def _send_state(self) -> None:
@@ -460,12 +492,136 @@ class Daemon:
         # A new broker connection (the broker may have lost the retained copy)
         # or a new client after a reload wants it again.
         fingerprint = f"{self.publisher.connects}:{id(self.publisher)}:" + json.dumps(state)
+        self._send_mute_state()
         now = time.monotonic()
         if fingerprint == self._state_fingerprint and now - self._state_sent_at < STATE_HEARTBEAT_S:
             return
         payload = json.dumps({**state, **moving}, separators=(",", ":")).encode()
         if self.publisher.publish_state(payload):
             self._state_fingerprint, self._state_sent_at = fingerprint, now
+
+    # -- privacy mute ---------------------------------------------------------------
+
+    def set_muted(self, muted: bool, *, source: str) -> None:
+        """Mute (or unmute) now; idempotent. From the moment of the call no
+        captured audio enters the buffer and no new STT session starts; the
+        microphone is released, the session closed (what was captured before
+        is still sent and its finals published, within stt.close_timeout_s)
+        and the flag persisted by `_follow_mute`, in that task's own time."""
+        if muted == self.muted:
+            log.info("privacy.%s source=%s unchanged=true", "muted" if muted else "unmuted",
+                     loggable(source))
+            return
+        self.muted = muted
+        if muted:
+            self.session.close()  # at once: no new session from here on
+        log.info("privacy.%s source=%s", "muted" if muted else "unmuted", loggable(source))
+        self._source = source
+        self._mute_changed.set()
+        self._send_mute_state()
+        self._changed()
+
+    def _on_mute_command(self, message: Message) -> None:
+        """`<base>/<device>/mute/set`: whoever may publish there can silence the
+        device, so it is honoured only with control enabled (and a broker ACL)."""
+        if not self.settings.control.enabled:
+            log.warning("control.mute_ignored reason=control_disabled")
+            return
+        if message.retained:
+            # A retained command is replayed at every connection: it would undo
+            # whatever was decided since it was sent. Only live commands count.
+            log.warning("control.mute_ignored reason=retained payload=%s",
+                        loggable(message.payload[:64].decode("utf-8", "replace")))
+            return
+        muted = parse_command(message.payload)
+        if muted is None:
+            log.warning("control.mute_refused reason=not_ON_or_OFF payload=%s",
+                        loggable(message.payload[:64].decode("utf-8", "replace")))
+            return
+        self.set_muted(muted, source="mqtt")
+
+    def _wire_publisher(self) -> None:
+        """What each publisher (a new one after a reload) carries: the mute command
+        subscription, and the retained mute state on each connection."""
+        if self.settings.control.enabled:
+            self.publisher.subscribe(self.publisher.topics.mute_set, self._on_mute_command)
+        self.publisher.on_connected = self._mqtt_connected
+
+    def _send_mute_state(self) -> None:
+        """The retained `<base>/<device>/mute`, once per connection and change."""
+        sent = (id(self.publisher), self.publisher.connects, self.muted)
+        if sent != self._mute_sent and self.publisher.publish_retained(
+                self.publisher.topics.mute, switch_state(self.muted)):
+            self._mute_sent = sent
+
+    async def _follow_mute(self) -> None:
+        """Make the daemon what `self.muted` says, each change in turn: the flag
+        on disk and the microphone and STT session at the same time (a disk that
+        hangs must not keep a microphone open; a crash soon after must not
+        forget a mute)."""
+        while True:
+            await self._mute_changed.wait()
+            self._mute_changed.clear()
+            muted = self.muted
+            await asyncio.gather(self.mute_flag.store(muted, self._source),
+                                 self._follow_audio(muted))
+            self._changed()
+
+    async def _follow_audio(self, muted: bool) -> None:
+        async with self._audio_lock:
+            if self.muted != muted:
+                return  # changed again meanwhile: the next turn follows that
+            if muted:
+                await self._release_audio()
+            else:
+                await self._listen()
+
+    async def _release_audio(self) -> None:
+        """Close the microphone (a mic LED goes off) and the STT session: no
+        connection at all while muted, and no reconnect loop."""
+        if self._listening:
+            self._listening = False
+            await asyncio.to_thread(self.capture.stop)
+        stt = self._stt_task
+        if stt is None:
+            return
+        self.session.close()
+        await self._wait_for_session(stt)
+        self._stt_task = None
+        self.buffer.rest()
+        # A backlog from before the mute (the service was away) gets no more
+        # appends to trigger the spool's once-a-second sync: durable now.
+        self.spool.sync()
+        log.info("privacy.released microphone_open=%s stt_state=%s",
+                 str(self.capture.stats.open).lower(), self.session.stats.state)
+
+    async def _wait_for_session(self, stt: asyncio.Task[None]) -> None:
+        """The closing session sends what it has, then CloseStream, and waits
+        for its last finals, within stt.close_timeout_s (a mute, a stop)."""
+        done, _ = await asyncio.wait([stt], timeout=self.settings.stt.close_timeout_s)
+        if not done:
+            stt.cancel()
+            log.warning("stt.close_timeout seconds=%.1f untranscribed_s=%.1f",
+                        self.settings.stt.close_timeout_s,
+                        samples_to_seconds(self.buffer.head - self.session.finals.acknowledged))
+            await asyncio.wait([stt])
+
+    async def _listen(self) -> None:
+        """Open the microphone and a fresh session, continuing the stream."""
+        if self._listening or self._stopping:
+            return
+        stt = self._stt_task
+        if stt is not None:  # a mute taken back before its close was over
+            await self._wait_for_session(stt)
+            self._stt_task = None
+        assert self._tasks is not None
+        self.session.resume()
+        self._stt_task = self._tasks.create_task(self.session.run(), name="stt-session")
+        self.capture = self._make_capture(self.settings)
+        self.capture.start()
+        self._listening = True
+        log.info("privacy.listening resume_from=%.3fs",
+                 samples_to_seconds(self.session.finals.acknowledged))
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -524,7 +680,8 @@ class Daemon:
 
     async def _apply(self, new: Settings, old: Settings) -> None:
         publisher = None
-        if new.mqtt != old.mqtt or new.device != old.device:
+        if (new.mqtt != old.mqtt or new.device != old.device
+                or new.control.enabled != old.control.enabled):  # its subscriptions, entities
             # First, as it may still refuse the configuration (TLS files).
             publisher = MqttPublisher(new, self.outbox, self.loop)
         self.settings = new
@@ -540,22 +697,24 @@ class Daemon:
         self.mic_health.silent_after_s = new.audio.silent_after_s
         self._apply_audio_levels(new)
         if new.audio.reopens_device(old.audio) or new.stt.frame_ms != old.stt.frame_ms:
-            await asyncio.to_thread(self.capture.stop)
-            self.capture = self._make_capture(new)
-            self.capture.start()
+            async with self._audio_lock:  # not while a mute opens or closes it
+                await asyncio.to_thread(self.capture.stop)
+                self.capture = self._make_capture(new)
+                if self._listening:  # a muted microphone stays closed
+                    self.capture.start()
         self.session.reconfigure(new)
         if new.metrics != old.metrics:
             self._stop_metrics()
             self._start_metrics()
         if publisher is not None:
             publisher.on_delivered = self.metrics.latency.observe if self.metrics else None
-            publisher.on_connected = self._mqtt_connected
             moved = (new.device.id, new.mqtt.discovery_prefix, new.mqtt.base_topic) != (
                 old.device.id, old.mqtt.discovery_prefix, old.mqtt.base_topic)
             if old.mqtt.discovery and (moved or not new.mqtt.discovery):
                 self.publisher.retract_discovery()  # entities that are going away
             await self.publisher.stop(within_s=1.0)
             self.publisher = publisher
+            self._wire_publisher()
         else:
             self.publisher.reconfigure(new)
         for follow in self.reconfigured:
@@ -583,21 +742,28 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("edged.start version=%s device=%s", __version__, self.settings.device.id)
         self.publisher.start()
-        self.capture.start()
+        if not self.muted:  # a muted daemon never opens the microphone
+            self.capture.start()
+            self._listening = True
         self._start_metrics()
         await self.monitor.start()
         try:
             async with asyncio.TaskGroup() as tasks:
-                stt = tasks.create_task(self.session.run(), name="stt-session")
+                self._tasks = tasks
+                if self._listening:
+                    self._stt_task = tasks.create_task(self.session.run(), name="stt-session")
+                else:
+                    self._changed()  # ready, and STATUS says muted
                 background = [tasks.create_task(self._publish_state(), name="state-publisher"),
                               tasks.create_task(self._retry_storage(), name="storage-retry"),
                               tasks.create_task(self._watch_microphone(), name="microphone"),
-                              tasks.create_task(self._publish_audio(), name="audio-telemetry")]
+                              tasks.create_task(self._publish_audio(), name="audio-telemetry"),
+                              tasks.create_task(self._follow_mute(), name="privacy-mute")]
                 if self.notifier.watchdog_interval_s:
                     background.append(tasks.create_task(
                         self._feed_watchdog(self.notifier.watchdog_interval_s), name="watchdog"))
                 await self._stop.wait()
-                await self._shutdown(stt)
+                await self._shutdown()
                 for task in background:
                     task.cancel()
         except BaseException:
@@ -622,18 +788,14 @@ class Daemon:
         self.buffer.persist()
         self.spool.close()
 
-    async def _shutdown(self, stt: asyncio.Task[None]) -> None:
+    async def _shutdown(self) -> None:
         self._stopping = True
         self.notifier.send(STOPPING=1, STATUS="stopping: sending the last audio and finals")
-        self.capture.stop()
-        self.session.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(stt), self.settings.stt.close_timeout_s)
-        except TimeoutError:
-            stt.cancel()
-            log.warning("stt.close_timeout seconds=%.1f untranscribed_s=%.1f",
-                        self.settings.stt.close_timeout_s,
-                        samples_to_seconds(self.buffer.head - self.session.finals.acknowledged))
+        async with self._audio_lock:  # a mute or unmute under way finishes first
+            self.capture.stop()
+            self.session.close()
+            if self._stt_task is not None:  # none while muted
+                await self._wait_for_session(self._stt_task)
         self._send_state()
 
     def _exit_status(self) -> int:

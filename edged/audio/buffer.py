@@ -232,6 +232,15 @@ class AudioBuffer:
         self.sent = max(min(self.sent, acknowledged), self.oldest)
         self.go_offline()
 
+    def rest(self) -> None:
+        """No session, and none wanted (a privacy mute). If everything
+        captured is transcribed, nothing is pending: the audio that comes
+        after is live audio again, kept in memory while a session connects,
+        as at a fresh start, rather than a backlog written to disk."""
+        pending_on_disk = self.spool is not None and self.spool.start is not None
+        if not pending_on_disk and self._acknowledged >= self.head:
+            self._offline = False
+
     def go_offline(self) -> None:
         """No session is up (lost, or failing to connect): until one is, audio
         also goes to disk, starting with the unacknowledged audio in memory."""

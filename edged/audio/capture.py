@@ -131,7 +131,8 @@ class Capture:
         stalled one (a FIFO nobody feeds) cannot be interrupted, and the
         thread is a daemon, so we do not wait for it past `timeout`."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started: a daemon that started muted
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         try:

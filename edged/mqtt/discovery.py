@@ -48,20 +48,7 @@ def node_id(device_id: str) -> str:
 def entities(settings: Settings, topics: Topics) -> list[Entity]:
     state = topics.state
     text = f"{{{{ value_json.text[:{HA_STATE_MAX}] }}}}"
-    controls = []
-    if gain_settable(settings):
-        low, high = _gain_bounds()
-        # Set through fleet control (a remote `config` set of audio.gain_db);
-        # its state is the gain the audio report says is applied.
-        controls.append(Entity("number", "gain", {
-            "name": "Microphone gain", "icon": "mdi:knob", "entity_category": "config",
-            "command_topic": topics.gain_set, "state_topic": topics.audio,
-            "value_template": "{{ value_json.gain_db }}",
-            "min": low, "max": high, "step": 1, "mode": "slider",
-            "unit_of_measurement": "dB",
-        }))
     return [
-        *controls,
         Entity("sensor", "transcript", {
             "name": "Last transcript",
             "icon": "mdi:microphone-message",
@@ -89,7 +76,9 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
         # (exact digital silence, a stuck value), with the why as an attribute.
         _diagnostic("binary_sensor", "microphone", "Microphone", state, {
             "device_class": "problem",
-            "value_template": "{{ 'OFF' if value_json.microphone == 'ok' else 'ON' }}",
+            # Muted is closed on purpose (the privacy mute), no problem.
+            "value_template": "{{ 'OFF' if value_json.microphone in ('ok', 'muted') "
+                              "else 'ON' }}",
             "json_attributes_topic": state,
             "json_attributes_template": "{{ {'condition': value_json.microphone} | to_json }}",
         }),
@@ -144,6 +133,53 @@ def entities(settings: Settings, topics: Topics) -> list[Entity]:
     ]
 
 
+def mute_switch(topics: Topics) -> Entity:
+    """The privacy mute: ON is muted (the microphone closed, nothing sent)."""
+    return Entity("switch", "mute", {
+        "name": "Privacy mute",
+        "icon": "mdi:microphone-off",
+        "command_topic": topics.mute_set,
+        "state_topic": topics.mute,
+        "payload_on": "ON",
+        "payload_off": "OFF",
+        "state_on": "ON",
+        "state_off": "OFF",
+        "retain": False,  # a retained command would replay at every connection (ignored)
+        "optimistic": False,  # on only once edged says so on its state topic
+    })
+
+
+def gain_number(topics: Topics) -> Entity:
+    """`audio.gain_db`, set through fleet control (a remote `config` set);
+    its state is the gain the audio report says is applied."""
+    low, high = _gain_bounds()
+    return Entity("number", "gain", {
+        "name": "Microphone gain", "icon": "mdi:knob", "entity_category": "config",
+        "command_topic": topics.gain_set, "state_topic": topics.audio,
+        "value_template": "{{ value_json.gain_db }}",
+        "min": low, "max": high, "step": 1, "mode": "slider",
+        "unit_of_measurement": "dB",
+    })
+
+
+def control_entities(settings: Settings, topics: Topics) -> list[Entity]:
+    """Entities that steer the device: only while `control.enabled` (whoever
+    may publish on their command topics can silence it), the gain only while
+    control may set it."""
+    if not settings.control.enabled:
+        return []
+    return [mute_switch(topics), *([gain_number(topics)] if gain_settable(settings) else [])]
+
+
+def retired_entities(settings: Settings, topics: Topics) -> list[Entity]:
+    """Entities announced only in some configurations, while they are off:
+    announced with an empty retained config, which removes what an earlier
+    run (or this one before a reload) left at the broker and in Home Assistant."""
+    announced = {entity.object_id for entity in control_entities(settings, topics)}
+    return [entity for entity in (mute_switch(topics), gain_number(topics))
+            if entity.object_id not in announced]
+
+
 def _diagnostic(component: str, object_id: str, name: str, state_topic: str,
                 extra: dict[str, Any]) -> Entity:
     return Entity(component, object_id, {
@@ -168,7 +204,7 @@ def announcements(settings: Settings, topics: Topics) -> list[tuple[str, bytes]]
     if settings.device.area:
         device["suggested_area"] = settings.device.area
     messages = []
-    for entity in entities(settings, topics):
+    for entity in entities(settings, topics) + control_entities(settings, topics):
         config = {
             **entity.config,
             "unique_id": f"{node}_{entity.object_id}",
@@ -182,6 +218,8 @@ def announcements(settings: Settings, topics: Topics) -> list[tuple[str, bytes]]
         }
         topic = config_topic(settings.mqtt.discovery_prefix, settings.device.id, entity)
         messages.append((topic, json.dumps(config, separators=(",", ":")).encode()))
+    messages += [(config_topic(settings.mqtt.discovery_prefix, settings.device.id, entity), b"")
+                 for entity in retired_entities(settings, topics)]
     return messages
 
 

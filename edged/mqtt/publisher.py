@@ -284,15 +284,16 @@ class MqttPublisher:
                 self._client.publish(topic, payload, qos=1, retain=True)
             log.info("mqtt.discovery_announced prefix=%s", self.settings.mqtt.discovery_prefix)
 
-    def publish_retained(self, topic: str, payload: bytes) -> bool:
-        """A retained QoS 0 message that the next one supersedes (audio
-        telemetry), if the broker is there; whether it went out. QoS 0: it
-        takes no place in paho's in-flight window, which is the transcripts',
-        and one lost with a connection is sent again on the next one."""
+    def publish_retained(self, topic: str, payload: bytes, qos: int = 0) -> bool:
+        """A retained message of our own that the next one supersedes (audio
+        telemetry, the mute state), if the broker is there; whether it went
+        out. At QoS 0 it takes no place in paho's in-flight window, which is
+        the transcripts', and one lost with a connection is sent again on the
+        next one."""
         if not self.connected:
             return False
-        info = self._client.publish(topic, payload, qos=0, retain=True)
-        return info.rc == paho.MQTT_ERR_SUCCESS
+        info = self._client.publish(topic, payload, qos=qos, retain=True)
+        return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
 
     def publish_state(self, payload: bytes) -> bool:
         """Retained state, if the broker is there; whether it went out."""

@@ -94,6 +94,7 @@ class SttSession:
         self._reconfigured = False
         self._tls: tuple[Path | None, ssl.SSLContext] | None = None
         self._failures = 0  # consecutive, for the backoff
+        self._resumed = False  # the next session follows a mute, not a lost connection
         self._last_sent = 0.0  # monotonic time of the last frame of any kind
 
     @property
@@ -114,6 +115,20 @@ class SttSession:
         self._closing.set()
         self._wake.set()
         self._audio.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def resume(self) -> None:
+        """Be ready to `run` again after a `close` has finished (a privacy mute
+        ended): the stream, its de-duplication and the counters carry on; the
+        session that follows is a fresh start, not a reconnect."""
+        self._closing.clear()
+        self._wake.clear()
+        self._failures = 0
+        self._resumed = True
+        self.stats.state = "connecting"
 
     def reconfigure(self, settings: Settings) -> None:
         """Use new settings; reconnect now if the STT ones changed (buffered
@@ -173,8 +188,9 @@ class SttSession:
         opened_at = time.monotonic()
         finals_before = self.stats.finals
         self.stats.sessions += 1
-        if self.stats.sessions > 1:
+        if self.stats.sessions > 1 and not self._resumed:
             self.stats.reconnects += 1
+        self._resumed = False
         self.stats.state = "connected"
         self.stats.last_error = None
         self.buffer.session_opened()

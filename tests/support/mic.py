@@ -121,6 +121,24 @@ class FifoMic:
         return not self._pending and self._queue.empty()
 
     @property
+    def reader_attached(self) -> bool:
+        """Whether somebody (the daemon's ALSA device) has the FIFO open for
+        reading. Its leaving is noticed at the next write: within a period."""
+        return self._fd is not None
+
+    def drop_queued(self) -> None:
+        """Forget what was queued and not written: sound in a room that no
+        open microphone heard is gone (a FIFO would keep it for the next reader)."""
+        with self._lock:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._pending = b""
+            self._queued = 0
+
+    @property
     def stream_seconds(self) -> float:
         return self.written / 2 / RATE
 

@@ -1,0 +1,62 @@
+"""The mute flag and the switch command are hostile bytes: parsed, never trusted."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from edged.control.mute import (
+    MAX_FLAG_BYTES,
+    parse_command,
+    parse_flag,
+    read_flag,
+    render_flag,
+    write_flag,
+)
+
+
+@pytest.mark.parametrize(("payload", "muted"), [
+    (b"ON", True), (b"on", True), (b" On\n", True), (b"\tOFF \r\n", False), (b"off", False),
+])
+def test_the_switch_command_is_on_or_off_in_any_case(payload: bytes, muted: bool) -> None:
+    assert parse_command(payload) is muted
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"1", b"true", b"ONN", b"O N", b"on\x00", b"\xff\xfe", "\u00d6N".encode(),
+    b"\x1b[31mON", b"ON" * 10_000, b'{"state": "ON"}',
+])
+def test_anything_else_is_no_command(payload: bytes) -> None:
+    assert parse_command(payload) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"muted", b"null", b"[]", b'{"muted": 1}', b'{"muted": "true"}', b'{"mute": true}',
+    b"[" * 4000, b'{"muted": fal\x00\xff', b"\xff\xfe", b'{"muted": false}' + b" " * MAX_FLAG_BYTES,
+])
+def test_a_flag_that_cannot_be_believed_is_none(data: bytes) -> None:
+    assert parse_flag(data) is None
+
+
+def test_the_flag_round_trips_and_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "mute.json"
+    at = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
+    write_flag(path, render_flag(True, "mqtt", at))
+    assert json.loads(path.read_bytes()) == {"muted": True, "source": "mqtt",
+                                             "at": "2026-11-28T08:00:00Z"}
+    assert read_flag(path) == (True, False)
+    write_flag(path, render_flag(False, "request", at))
+    assert read_flag(path) == (False, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mute.json"], "no temporary left"
+
+
+def test_no_flag_is_not_muted_and_a_damaged_one_is_muted_and_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "mute.json"
+    assert read_flag(path) == (False, False)
+    path.write_bytes(b'{"muted": fal')
+    assert read_flag(path) == (True, True)
+    assert not path.exists()
+    assert [p.name.startswith("mute.json.damaged-") for p in tmp_path.iterdir()] == [True]
