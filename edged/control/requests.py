@@ -61,7 +61,12 @@ class Reload:
     pass
 
 
-Effect = HealthCheck | ShowConfig | SetConfig | Reload
+@dataclass(frozen=True)
+class Mute:
+    muted: bool | None  # None: only say whether it is muted
+
+
+Effect = HealthCheck | ShowConfig | SetConfig | Reload | Mute
 
 
 class BadRequest(ValueError):
@@ -87,6 +92,18 @@ def _config_arguments(arguments: dict[str, Any]) -> Effect:
     return SetConfig(options)
 
 
+def _mute_arguments(arguments: dict[str, Any]) -> Effect:
+    _only(arguments, {"state"})
+    if "state" not in arguments:
+        return Mute(None)
+    state = arguments["state"]
+    if isinstance(state, bool):
+        return Mute(state)
+    if isinstance(state, str) and state.strip().upper() in ("ON", "OFF"):
+        return Mute(state.strip().upper() == "ON")
+    raise BadRequest('"state" must be "ON" (muted) or "OFF" (or true / false)')
+
+
 def _only(arguments: Mapping[str, Any], known: set[str]) -> None:
     unknown = sorted(set(arguments) - known)
     if unknown:
@@ -98,6 +115,7 @@ VERBS: dict[str, Callable[[dict[str, Any]], Effect]] = {
     "health_check": _no_arguments(HealthCheck()),
     "config": _config_arguments,
     "reload": _no_arguments(Reload()),
+    "mute": _mute_arguments,
 }
 
 

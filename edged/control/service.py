@@ -19,6 +19,7 @@ from edged.control import layer
 from edged.control.changes import Refused, differences, plan
 from edged.control.requests import (
     HealthCheck,
+    Mute,
     Reload,
     Request,
     Response,
@@ -246,6 +247,10 @@ class Control:
                     return request.error(f"refused, the current configuration stays: "
                                          f"{mask_secrets(outcome.refused)}", data)
                 return request.ok(data)
+            case Mute(muted):
+                if muted is not None:
+                    self.daemon.set_muted(muted, source=f"mqtt {source} request")
+                return request.ok({"muted": self.daemon.muted})
             case SetConfig(options):
                 ok, error, data = await self._set(options, f"mqtt {source}")
                 return request.ok(data) if ok else request.error(error or "", data)
