@@ -190,6 +190,22 @@ def test_a_single_lost_sample_is_counted_and_skipped() -> None:
     assert (piece.start, values(piece.data)) == (1, [1, 2])
 
 
+def test_without_a_spool_a_lost_session_is_replayed_from_memory_alone() -> None:
+    buffer = AudioBuffer(max_samples=SECOND)
+    buffer.session_opened()
+    buffer.append(chunk(1, 4_000))
+    buffer.mark_sent(4_000)
+    buffer.session_lost(acknowledged=1_000)  # nowhere to put it: it stays in memory
+    assert (buffer.spooling, buffer.sent) == (True, 1_000)
+    buffer.append(chunk(2, 4_000))
+    buffer.session_opened()
+    piece = buffer.read(buffer.sent, 100 * SECOND)
+    assert (piece.start, values(piece.data)) == (1_000, [1] * 3_000 + [2] * 4_000)
+    buffer.mark_sent(piece.end)  # caught up
+    assert not buffer.spooling
+    assert buffer.dropped == 0
+
+
 def test_reading_from_the_send_mark_after_a_loss_gives_the_audio_right_after_it() -> None:
     buffer = AudioBuffer(max_samples=300)
     for value in range(5):

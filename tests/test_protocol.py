@@ -348,6 +348,25 @@ def test_a_gap_in_what_was_sent_makes_the_map_piecewise() -> None:
     assert timeline.to_stream(1.25) == 84_000
 
 
+def test_a_word_ending_where_the_audio_sent_stops_ends_there_not_after_the_gap() -> None:
+    # 0..1 s sent; 1..5 s not (dropped, or silence skipped); then 5..6 s.
+    timeline = SessionTimeline()
+    timeline.record_send(0, 16_000)
+    frame = parse_frame(transcript(0.5, 1.0), 16_000)
+    assert isinstance(frame, TranscriptMessage)
+    before = place_final(frame, timeline)  # the final came before the next run was sent
+    timeline.record_send(80_000, 16_000)
+    after = place_final(frame, timeline)  # ... or after
+    assert before == after
+    assert (after.start, after.end) == (8_000, 16_000)
+    assert (after.words[0].start, after.words[0].end) == (8_000, 16_000)
+    # What starts there starts with the next run; a span of no length there
+    # is placed at that start, never ending before it begins.
+    assert timeline.place(1.0, 1.5) == (80_000, 88_000)
+    assert timeline.place(1.0, 1.0) == (80_000, 80_000)
+    assert timeline.place(0.0, 0.0) == (0, 0)
+
+
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 8_000)), min_size=1))
 def test_time_map_is_monotonic_and_lands_in_sent_audio(runs: list[tuple[int, int]]) -> None:
     timeline = SessionTimeline()
@@ -358,11 +377,17 @@ def test_time_map_is_monotonic_and_lands_in_sent_audio(runs: list[tuple[int, int
         timeline.record_send(stream, samples)
         sent.append((stream, stream + samples))
         stream += samples
+    boundaries = {start for start, _ in sent} - {end for _, end in sent}
     previous = -1
     for tenth_ms in range(0, timeline.sent_samples * 10 // 16 + 1, 37):
         mapped = timeline.to_stream(tenth_ms / 10_000)
         assert mapped >= previous
-        assert any(start <= mapped <= end for start, end in sent)
+        assert any(start <= mapped < end for start, end in sent) or mapped == stream
+        # As an end: the same, except where a run begins after a gap, which
+        # ends the run before it instead.
+        end = timeline.end_to_stream(tenth_ms / 10_000)
+        assert any(start < end <= stop for start, stop in sent) or end == sent[0][0]
+        assert end == mapped or (mapped in boundaries and end < mapped)
         previous = mapped
 
 

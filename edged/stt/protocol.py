@@ -329,19 +329,44 @@ class SessionTimeline:
         return self._stream_starts[0] if self._stream_starts else None
 
     def to_stream(self, session_seconds: float) -> int:
-        """Stream sample of a session time.
+        """Stream sample of a session time, as the start of what follows it.
 
         A time up to TIME_TOLERANCE_S past the audio sent is placed at its
         end; a time further on, negative or not finite raises ValueError
         (`parse_frame` turns such frames away, so this is for other callers).
         """
+        position = self._position(session_seconds)
+        run = max(bisect.bisect_right(self._session_starts, position) - 1, 0)
+        return self._stream_starts[run] + position - self._session_starts[run]
+
+    def end_to_stream(self, session_seconds: float) -> int:
+        """Stream sample of a session time, as the end of what precedes it.
+
+        The same as `to_stream` except where one run of sent audio meets the
+        next: what ends there ends with the first run, not at the start of
+        the next one (the audio between them was not sent: dropped, or
+        silence skipped). Otherwise a word ending where the audio sent
+        stopped would be placed past the gap, or not, depending on whether
+        the next run had been sent by the time its final came.
+        """
+        position = self._position(session_seconds)
+        run = max(bisect.bisect_left(self._session_starts, position) - 1, 0)
+        return self._stream_starts[run] + position - self._session_starts[run]
+
+    def _position(self, session_seconds: float) -> int:
+        """Session sample of a session time, checked as `to_stream` says."""
         if not self._stream_starts:
             raise ValueError("no audio has been sent in this session")
         if not 0 <= session_seconds <= samples_to_seconds(self.sent_samples) + TIME_TOLERANCE_S:
             raise ValueError(f"session time {session_seconds!r}s is outside the audio sent")
-        position = min(seconds_to_samples(session_seconds), self.sent_samples)
-        run = max(bisect.bisect_right(self._session_starts, position) - 1, 0)
-        return self._stream_starts[run] + position - self._session_starts[run]
+        return min(seconds_to_samples(session_seconds), self.sent_samples)
+
+    def place(self, start_seconds: float, end_seconds: float) -> tuple[int, int]:
+        """Stream (start, end) of a span of session time. A span of no
+        length where two runs meet is placed at the start of the second:
+        the end is never before the start."""
+        start = self.to_stream(start_seconds)
+        return start, max(self.end_to_stream(end_seconds), start)
 
 
 @dataclass(frozen=True)
@@ -365,18 +390,14 @@ class Final:
 
 def place_final(message: TranscriptMessage, timeline: SessionTimeline) -> Final:
     words = tuple(
-        Word(
-            word.text,
-            timeline.to_stream(word.start_time),
-            timeline.to_stream(word.end_time),
-            word.speaker,
-        )
+        Word(word.text, *timeline.place(word.start_time, word.end_time), word.speaker)
         for word in message.words
     )
+    start, end = timeline.place(message.start_time, message.end_time)
     return Final(
         text=message.transcript,
-        start=timeline.to_stream(message.start_time),
-        end=timeline.to_stream(message.end_time),
+        start=start,
+        end=end,
         words=words,
         provider=message.provider,
     )

@@ -350,8 +350,8 @@ class SttSession:
                 if not frame.is_partial:
                     self._final(frame, timeline)
                 elif self._on_partial is not None:
-                    self._on_partial(frame.transcript, timeline.to_stream(frame.start_time),
-                                     timeline.to_stream(frame.end_time))
+                    self._on_partial(frame.transcript,
+                                     *timeline.place(frame.start_time, frame.end_time))
             elif isinstance(frame, MalformedFrame):
                 self._malformed(frame)
             else:
