@@ -42,6 +42,11 @@ WINDOW = 20  # transcripts in paho's hands at once (its default in-flight limit)
 # paho's queue, everything included (state, availability, discovery): past
 # this, publish() refuses instead of growing without bound.
 PAHO_QUEUE = 100
+# paho's in-flight limit counts every QoS 1 message: the transcripts' window,
+# and besides it what a connection sends at once (availability, a dozen
+# discovery configs, the state, the mute state, control answers). Without
+# this room a broker slow to acknowledge would hold the transcripts behind them.
+OTHER_IN_FLIGHT = 40
 
 
 class Message(NamedTuple):
@@ -138,7 +143,7 @@ class MqttPublisher:
     def _make_client(self) -> paho.Client:
         client = make_client(self.settings, self.settings.mqtt_client_id, reconnect=True)
         client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
-        client.max_inflight_messages_set(WINDOW)
+        client.max_inflight_messages_set(WINDOW + OTHER_IN_FLIGHT)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
