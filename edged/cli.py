@@ -354,6 +354,18 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signum)
 
 
+def _unraisable(unraisable: Any) -> None:
+    """An interrupt raised where Python cannot raise it (a weakref callback
+    or a `__del__` that ran when the signal came) would be printed with a
+    traceback and lost: the command ends at once instead, as it would have."""
+    interrupt = unraisable.exc_value
+    if isinstance(interrupt, KeyboardInterrupt):
+        signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) \
+            else signal.SIGINT
+        _interrupted(signum, None)
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Any command ends cleanly on SIGINT or SIGTERM at any moment: status
     128 + the signal, one line, no traceback. The daemon and the monitor put
@@ -361,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     order, the monitor to give the terminal back)."""
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
+    sys.unraisablehook = _unraisable
     args = build_parser().parse_args(argv)
     status: int = args.handler(args)
     return status

@@ -33,7 +33,7 @@ from edged.audio.spool import Spool
 from edged.audio.telemetry import AudioTelemetry, Context
 from edged.audio.vad import SpeechGate
 from edged.config import SAMPLE_RATE, SAMPLE_WIDTH, Settings
-from edged.control.mute import MuteFlag, parse_command, switch_state
+from edged.control.mute import MuteFlag, switch_state
 from edged.errors import ConfigError, EdgedError
 from edged.logs import mask_secrets, set_secrets
 from edged.monitor.server import MonitorServer
@@ -43,7 +43,7 @@ from edged.mqtt.payloads import (
     partial_payload,
     transcript_payload,
 )
-from edged.mqtt.publisher import Message, MqttPublisher
+from edged.mqtt.publisher import MqttPublisher
 from edged.outbox import Outbox
 from edged.sdnotify import Notifier
 from edged.storage import StorageHealth, describe, make_directory
@@ -521,30 +521,9 @@ class Daemon:
         self._send_mute_state()
         self._changed()
 
-    def _on_mute_command(self, message: Message) -> None:
-        """`<base>/<device>/mute/set`: whoever may publish there can silence the
-        device, so it is honoured only with control enabled (and a broker ACL)."""
-        if not self.settings.control.enabled:
-            log.warning("control.mute_ignored reason=control_disabled")
-            return
-        if message.retained:
-            # A retained command is replayed at every connection: it would undo
-            # whatever was decided since it was sent. Only live commands count.
-            log.warning("control.mute_ignored reason=retained payload=%s",
-                        loggable(message.payload[:64].decode("utf-8", "replace")))
-            return
-        muted = parse_command(message.payload)
-        if muted is None:
-            log.warning("control.mute_refused reason=not_ON_or_OFF payload=%s",
-                        loggable(message.payload[:64].decode("utf-8", "replace")))
-            return
-        self.set_muted(muted, source="mqtt")
-
     def _wire_publisher(self) -> None:
-        """What each publisher (a new one after a reload) carries: the mute command
-        subscription, and the retained mute state on each connection."""
-        if self.settings.control.enabled:
-            self.publisher.subscribe(self.publisher.topics.mute_set, self._on_mute_command)
+        """Each publisher (a new one after a reload) sends the retained reports
+        on each of its connections (fleet control subscribes on its own)."""
         self.publisher.on_connected = self._mqtt_connected
 
     def _send_mute_state(self) -> None:
@@ -680,8 +659,7 @@ class Daemon:
 
     async def _apply(self, new: Settings, old: Settings) -> None:
         publisher = None
-        if (new.mqtt != old.mqtt or new.device != old.device
-                or new.control.enabled != old.control.enabled):  # its subscriptions, entities
+        if new.mqtt != old.mqtt or new.device != old.device:
             # First, as it may still refuse the configuration (TLS files).
             publisher = MqttPublisher(new, self.outbox, self.loop)
         self.settings = new

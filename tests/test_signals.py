@@ -39,3 +39,28 @@ def test_a_signal_at_any_moment_of_a_start_ends_it_cleanly(tmp_path: Path,
         # 69: fleet found no broker (there is none on port 9) before the signal came.
         assert process.returncode in (0, 1, 69, 78, 128 + signum), (signum, process.returncode,
                                                                    text)
+
+
+def test_an_interrupt_that_lands_in_a_weakref_callback_still_ends_the_command() -> None:
+    """Python cannot raise an exception out of a weakref callback: it prints it
+    with a traceback and goes on. An interrupt landing there (a signal during a
+    garbage collection) must still end the command, with one line."""
+    script = (
+        "import os, signal, sys, weakref\n"
+        "from edged import cli\n"
+        "sys.unraisablehook = cli._unraisable\n"
+        "signal.signal(signal.SIGINT, cli._raise_interrupt)\n"
+        "class Thing: pass\n"
+        "def callback(ref):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    for _ in range(1000): pass  # the handler runs here, inside the callback\n"
+        "thing = Thing(); ref = weakref.ref(thing, callback)\n"
+        "del thing\n"
+        "print('went on after the interrupt', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 128 + signal.SIGINT, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr == "edged: interrupted (SIGINT)\n"
+    assert "went on" not in result.stdout

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from edged.config import UNKNOWN, LoadedConfig, config_report, effective_items
 from edged.control import layer
 from edged.control.changes import Refused, differences, plan
+from edged.control.mute import parse_command
 from edged.control.requests import (
     HealthCheck,
     Mute,
@@ -119,6 +120,7 @@ class Control:
         wanted: tuple[str, ...] = ()
         if enabled:
             wanted = (publisher.topics.request("+"), publisher.topics.fleet_request("+"))
+            wanted += (publisher.topics.mute_set,)
             if gain_settable(self.daemon.settings):
                 wanted += (publisher.topics.gain_set,)
         if publisher is self._publisher and wanted == self._filters:
@@ -127,9 +129,10 @@ class Control:
             for topic_filter in self._filters:
                 if topic_filter not in wanted:
                     publisher.unsubscribe(topic_filter)
+        handlers = {publisher.topics.gain_set: self._gain_received,
+                    publisher.topics.mute_set: self._mute_received}
         for topic_filter in wanted:
-            publisher.subscribe(topic_filter, self._gain_received
-                                if topic_filter == publisher.topics.gain_set else self._received)
+            publisher.subscribe(topic_filter, handlers.get(topic_filter, self._received))
         if wanted != self._filters:
             log.info("control.%s requests=%s", "enabled" if enabled else "disabled",
                      ",".join(wanted) or "none")
@@ -151,6 +154,22 @@ class Control:
                 log.warning("control.requests_dropped count=%d reason=queue_full limit=%d",
                             self._dropped, QUEUE_LIMIT)
                 self._dropped_logged_at, self._dropped = now, 0
+
+    def _mute_received(self, message: Message) -> None:
+        """`<base>/<device>/mute/set`: ON or OFF. Whoever may publish there can
+        silence the device: subscribed only with control on (and a broker ACL)."""
+        if message.retained:
+            # A retained command is replayed at every connection: it would undo
+            # whatever was decided since it was sent. Only live commands count.
+            log.warning("control.mute_ignored reason=retained payload=%s",
+                        loggable(message.payload[:64].decode("utf-8", "replace")))
+            return
+        muted = parse_command(message.payload)
+        if muted is None:
+            log.warning("control.mute_refused reason=not_ON_or_OFF payload=%s",
+                        loggable(message.payload[:64].decode("utf-8", "replace")))
+            return
+        self.daemon.set_muted(muted, source="mqtt")
 
     def _gain_received(self, message: Message) -> None:
         """Home Assistant's gain number: a bare number, set as `audio.gain_db`
