@@ -328,6 +328,72 @@ def test_skipped_silence_counts_as_sent_and_ends_spooling(tmp_path: Path) -> Non
     assert spool.end == 1000, "silence is not a backlog: no disk writes"
 
 
+# -- a rest (privacy mute): no session, and none wanted ------------------------
+
+
+def test_a_rest_with_everything_transcribed_keeps_new_audio_off_the_disk(tmp_path: Path) -> None:
+    spool = spool_in(tmp_path)
+    buffer = AudioBuffer(max_samples=10 * SECOND, spool=spool)
+    buffer.session_opened()
+    buffer.append(chunk(1, SECOND))
+    buffer.mark_sent(buffer.head)
+    buffer.acknowledge(buffer.head)
+    buffer.session_lost(buffer.head)  # the mute closes the session
+    assert buffer.spooling
+    buffer.rest()
+    assert not buffer.spooling
+    buffer.append(chunk(2, SECOND))
+    assert spool.records == [], "live audio again, as at a fresh start"
+
+
+def test_a_rest_with_a_backlog_on_disk_goes_on_spooling(tmp_path: Path) -> None:
+    spool = spool_in(tmp_path)
+    buffer = AudioBuffer(max_samples=10 * SECOND, spool=spool)
+    buffer.session_opened()
+    buffer.append(chunk(1, SECOND))
+    buffer.session_lost(0)  # nothing transcribed: the second goes to disk
+    assert spool.end == buffer.head
+    buffer.rest()
+    assert buffer.spooling
+    buffer.append(chunk(2, SECOND))
+    assert spool.end == buffer.head, "new audio goes to disk behind the backlog"
+
+
+def test_a_rest_while_transcribed_audio_waits_on_disk_for_its_point_goes_on_spooling(
+    tmp_path: Path,
+) -> None:
+    spool = spool_in(tmp_path)
+    durable = 0  # the outbox has not yet synced the point that releases the disk
+    buffer = AudioBuffer(max_samples=10 * SECOND, spool=spool, release_limit=lambda: durable)
+    buffer.session_opened()
+    buffer.append(chunk(1, SECOND))
+    buffer.session_lost(0)
+    buffer.acknowledge(buffer.head)  # the closing session's last final
+    assert spool.end == buffer.head, "kept on disk until the point is durable"
+    buffer.rest()
+    assert buffer.spooling
+    buffer.append(chunk(2, SECOND))
+    assert spool.end == buffer.head, "the disk goes on without a gap"
+
+
+def test_a_rest_with_a_backlog_the_disk_refused_puts_it_on_disk_when_the_disk_is_back(
+    tmp_path: Path,
+) -> None:
+    spool = spool_in(tmp_path)
+    buffer = AudioBuffer(max_samples=10 * SECOND, spool=spool)
+    buffer.session_opened()
+    buffer.append(chunk(1, SECOND))
+    disk_fails(spool)
+    buffer.session_lost(0)
+    assert spool.records == [], "the backlog is in memory only"
+    buffer.rest()
+    assert buffer.spooling, "still a backlog: the supervisor persists it when the disk is back"
+    assert spool.retry()
+    buffer.persist()
+    buffer.append(chunk(2, SECOND))
+    assert (spool.start, spool.end) == (0, buffer.head)
+
+
 # -- long streams ------------------------------------------------------------------
 
 

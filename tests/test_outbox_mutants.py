@@ -259,6 +259,36 @@ def test_an_outbox_it_may_not_even_look_at_starts_a_new_stream_in_memory(
     assert outbox.add(render, 0).seq == 1
 
 
+def test_an_outbox_whose_first_bytes_cannot_be_read_is_left_to_sqlite_not_put_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path)
+    kept = first.add(render, 16_000)
+    first.close()
+    real_open = Path.open
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == path:  # the look at the header fails; SQLite's own open does not
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    outbox = Outbox(path)
+    assert not list(tmp_path.glob("*.damaged-*")), "not damaged: not put aside"
+    assert outbox.stream_id == first.stream_id
+    assert [item.key for item in outbox.pending()] == [kept.key]
+
+
+def test_a_closed_outbox_hands_out_only_what_memory_holds(tmp_path: Path) -> None:
+    # The publisher may still ask while the daemon stops: what is on disk
+    # waits for the next start, and asking is not a crash.
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.add(render, 0)
+    outbox.close()
+    assert outbox.pending() == []
+
+
 def test_a_read_only_card_without_an_outbox_starts_a_new_stream(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -642,6 +672,8 @@ def test_a_damage_found_at_runtime_whose_replacement_fails_counts_right(
     assert outbox.degraded
     items = outbox.pending()
     assert len({item.key for item in items}) == len(items)
+    assert len(items) == 4, "the three salvaged and the new one, in memory"
+    assert outbox.depth == 4, "the state's depth: none left counted on the quarantined file"
 
 
 def test_a_directory_in_the_outbox_place_that_cannot_be_moved_is_reported(

@@ -1,6 +1,8 @@
 """The protocol core, edge cases found by mutation testing (docs/testing.md):
-what a URL keeps, what a bad frame says, where words land, which words a
-straddling final keeps, and how a backlog is paced."""
+what a URL keeps, what a bad frame says (reason and excerpt: the
+`stt.malformed_frame` log line), where the gate's limits lie, what the
+partial fast path skips, where words land, which words a straddling final
+keeps, and how a backlog is paced."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from edged.config import SAMPLE_RATE
 from edged.stt.protocol import (
+    MAX_TEXT_FRAME_CHARS,
     Final,
     FinalFilter,
     MalformedFrame,
@@ -19,11 +23,14 @@ from edged.stt.protocol import (
     TranscriptMessage,
     Word,
     listen_url,
+    looks_partial,
     parse_frame,
     place_final,
     samples_to_seconds,
     seconds_to_samples,
 )
+
+SECOND = SAMPLE_RATE  # samples in a second of audio sent
 
 
 def query(url: str) -> dict[str, list[str]]:
@@ -50,25 +57,129 @@ def test_a_binary_frame_from_the_service_is_malformed_not_parsed() -> None:
     assert frame.reason.startswith("binary frame")
 
 
-LONG = "x" * 300
+def transcript(start: float = 0.5, end: float = 1.0, **extra: object) -> str:
+    return json.dumps({"type": "transcript", "transcript": "hi", "start_time": start,
+                       "end_time": end, **extra}, separators=(",", ":"))
 
 
+def nested_objects(depth: int) -> str:
+    """An error message whose outermost object holds `depth - 1` more."""
+    return ('{"type":"error","x":' + '{"a":' * (depth - 1) + "1" + "}" * (depth - 1)
+            + ',"y":[]}')
+
+
+TOO_LONG = '{"type":"error","message":"' + "x" * MAX_TEXT_FRAME_CHARS + '"}'
+
+
+# What the `stt.malformed_frame` log line says for each refusal: the reason,
+# and the start of the frame as it came (escaped and cut to 120 characters).
 @pytest.mark.parametrize(
-    ("text", "reason"),
+    ("text", "sent", "reason"),
     [
-        (b"\xff" + LONG.encode(), "binary frame"),
-        ("[" + LONG, "not JSON: "),
-        ("[" + ",".join(["1"] * 100) + "]", "not a JSON object"),
-        ('{"type":"transcript","transcript":"x","start_time":2.0,"end_time":1.0,"pad":"'
-         + LONG + '"}', "bad transcript: "),
+        (TOO_LONG, SECOND, f"{len(TOO_LONG)} characters, over {MAX_TEXT_FRAME_CHARS}"),
+        (nested_objects(33), SECOND, "nested deeper than 32"),
+        ("[" + "x" * 300, SECOND, "not JSON: Expecting value: line 1 column 2 (char 1)"),
+        ("[" + ",".join(["1"] * 100) + "]", SECOND, "not a JSON object"),
+        ('{"message":"quota exceeded"}', SECOND, "no type, or not a string"),
+        ('{"type":["transcript"]}', SECOND, "no type, or not a string"),
+        (transcript(2.0, 1.0), SECOND,
+         "bad transcript: frame: Value error, end_time before start_time"),
+        (transcript(0.0, 0.5), 0, "transcript before any audio was sent"),
+        (transcript(0.5, 5001.0), 10 * SECOND,
+         "bad transcript: time 5001s is past the audio sent (10.000s)"),
     ],
+    ids=["too long", "too deep", "not JSON", "not an object", "no type", "type not a string",
+         "end before start", "before any audio", "past the audio sent"],
 )
-def test_a_malformed_frame_says_why_and_shows_how_it_began(text: str | bytes, reason: str) -> None:
-    frame = parse_frame(text, 16_000)
+def test_a_malformed_frame_says_why_and_shows_how_it_began(
+    text: str, sent: int, reason: str
+) -> None:
+    frame = parse_frame(text, sent)
     assert isinstance(frame, MalformedFrame)
-    assert frame.reason.startswith(reason)
-    assert 0 < len(frame.excerpt) <= 160, "an excerpt, escaped and cut, not the frame"
-    assert "\n" not in frame.excerpt
+    assert frame.reason == reason
+    cut = len(text) - 120
+    assert frame.excerpt == (text if cut <= 0 else f"{text[:120]}...[{cut} more chars]")
+
+
+@pytest.mark.parametrize("body", [b'{"type":"transcript"}', b'{"message":"' + b"x" * 300 + b'"}'],
+                         ids=["short", "long"])
+def test_a_binary_frame_is_shown_as_the_bytes_it_held(body: bytes) -> None:
+    frame = parse_frame(body, SECOND)
+    assert isinstance(frame, MalformedFrame)
+    assert frame.reason == f"binary frame of {len(body)} bytes"
+    shown = repr(body)  # b'{"type": ...}' as Python writes bytes
+    cut = len(shown) - 120
+    assert frame.excerpt == (shown if cut <= 0 else f"{shown[:120]}...[{cut} more chars]")
+
+
+def test_a_frame_of_exactly_the_size_limit_is_parsed() -> None:
+    fits = '{"type":"error","message":"' + "x" * (MAX_TEXT_FRAME_CHARS - 29) + '"}'
+    assert len(fits) == MAX_TEXT_FRAME_CHARS
+    assert isinstance(parse_frame(fits, SECOND), OtherMessage)
+    assert isinstance(parse_frame(fits[:-2] + 'x"}', SECOND), MalformedFrame)
+
+
+def test_a_frame_nested_exactly_to_the_limit_is_parsed() -> None:
+    assert isinstance(parse_frame(nested_objects(32), SECOND), OtherMessage)
+    assert isinstance(parse_frame(nested_objects(33), SECOND), MalformedFrame)
+
+
+def test_a_frame_whose_brackets_are_all_inside_a_string_is_judged_not_crashed_on() -> None:
+    frame = parse_frame(json.dumps("[{" * 40), SECOND)
+    assert isinstance(frame, MalformedFrame)
+    assert frame.reason == "not a JSON object"
+
+
+@pytest.mark.parametrize(("number", "reason"), [
+    ("NaN", "NaN is not a number"),
+    ("-Infinity", "-Infinity is not a number"),
+    ("1e400", "number out of range: 1e400"),
+    # Only the first 20 characters of a long number reach the log line.
+    ("1" + "0" * 400 + ".5", "number out of range: 1" + "0" * 19),
+], ids=["NaN", "-Infinity", "1e400", "a long number"])
+def test_a_number_that_is_not_finite_is_refused_in_any_message(number: str, reason: str) -> None:
+    # Not only in a transcript, where the times are checked: what passes the
+    # gate is finite, whatever its type.
+    frame = parse_frame('{"type":"error","message":"quota","retry_in":' + number + "}", SECOND)
+    assert isinstance(frame, MalformedFrame)
+    assert frame.reason == f"not JSON: {reason}"
+
+
+def test_a_lone_surrogate_is_refused_saying_so() -> None:
+    frame = parse_frame(transcript(words=[{"text": "a\ud800", "start_time": 0.5,
+                                           "end_time": 1.0}]), SECOND)
+    assert isinstance(frame, MalformedFrame)
+    assert frame.reason == ("bad transcript: words.0.text: Value error, "
+                            "not valid Unicode (a lone surrogate)")
+
+
+def test_a_transcript_after_a_single_sample_of_audio_is_believed() -> None:
+    assert isinstance(parse_frame(transcript(0.0, 0.5), 1), TranscriptMessage)
+
+
+def test_a_partial_of_exactly_the_size_limit_is_skipped_unparsed() -> None:
+    partial = transcript(is_partial=True)
+    padded = partial[:-1] + ',"pad":"' + "x" * (MAX_TEXT_FRAME_CHARS - len(partial) - 9) + '"}'
+    assert len(padded) == MAX_TEXT_FRAME_CHARS
+    assert looks_partial(padded)
+    assert not looks_partial(padded[:-2] + 'x"}')
+
+
+def test_a_partial_whose_flag_comes_after_its_words_is_skipped_unparsed() -> None:
+    words = [{"text": "hi", "start_time": 0.5, "end_time": 1.0}]
+    text = transcript(words=words, is_partial=True)
+    assert text.index('"is_partial"') > text.index("]")
+    assert looks_partial(text)
+    assert looks_partial(transcript(words=words, meta={"a": [1]}, is_partial=True))
+
+
+@pytest.mark.parametrize("text", [
+    '{"type":"error","message":"quota","is_partial":null}',
+    transcript(is_partial=None),
+], ids=["error", "transcript"])
+def test_a_flag_that_is_not_true_is_not_skipped_as_a_partial(text: str) -> None:
+    # The error must be logged, the bad transcript counted as malformed.
+    assert not looks_partial(text)
 
 
 def test_a_bad_field_is_named_by_its_path_in_the_frame() -> None:

@@ -269,6 +269,31 @@ def test_damaged_files_are_put_aside_saying_why(
     assert len(list(tmp_path.glob("*.damaged-*"))) == 2
 
 
+def test_a_file_with_nothing_readable_is_put_aside_as_such_not_salvaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "00000001.spool").write_bytes(bytes(range(256)) * 4)
+    with caplog.at_level(logging.INFO):
+        new_spool(tmp_path)
+    assert "reason=no readable record" in caplog.text
+    assert "storage.quarantined file=00000001.spool" in caplog.text
+    assert "spool.salvaged" not in caplog.text, "nothing in it to salvage"
+    assert len(list(tmp_path.glob("00000001.spool.damaged-*"))) == 1
+
+
+def test_an_empty_segment_on_a_read_only_card_is_left_not_called_damaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / "00000001.spool").write_bytes(file_header())  # cut off before a record
+    with read_only(tmp_path), caplog.at_level(logging.INFO):
+        new_spool(spool_dir)
+    assert "spool.unlink_failed file=00000001.spool" in caplog.text
+    assert "quarantine" not in caplog.text, "nothing in it was damaged"
+    assert (spool_dir / "00000001.spool").exists()
+
+
 def test_intact_files_of_a_lost_stream_are_adopted_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -416,6 +441,17 @@ def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     spool.close()
     assert values(new_spool(tmp_path).read(0, 10_000)[1]) == [1] * 1000
+
+
+def test_the_start_of_a_backlog_on_disk_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = new_spool(tmp_path)
+    with caplog.at_level(logging.INFO, "edged.spool"):
+        write_seconds(spool, 2, 3)
+    lines = [line for line in caplog.text.splitlines() if "spool.writing" in line]
+    assert len(lines) == 1
+    assert "spool.writing from=2.000s reason=untranscribed_audio_while_offline" in lines[0]
 
 
 # -- syncing ------------------------------------------------------------------------------
@@ -712,3 +748,28 @@ def test_a_spool_directory_removed_from_under_it_is_not_a_crash(
         spool.release(2 * SECOND)
     assert spool.records == []
     assert "spool.unlink_failed" not in caplog.text
+
+
+def test_an_emptied_spool_says_so_once_all_is_released(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = new_spool(tmp_path)
+    write_seconds(spool, 0, 30)  # two segments
+    with caplog.at_level(logging.INFO, "edged.spool"):
+        spool.release(25 * SECOND)  # the first segment goes, the second stays
+        assert spool.records
+        assert "spool.emptied" not in caplog.text
+        spool.release(30 * SECOND)
+    assert spool.records == []
+    assert "spool.emptied up_to=30.000s" in caplog.text
+
+
+def test_a_stop_says_how_much_audio_stays_on_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = new_spool(tmp_path)
+    write_seconds(spool, 4, 3)
+    spool.append(7 * SECOND, pcm(1, SECOND // 2), 0.0)
+    with caplog.at_level(logging.INFO, "edged.spool"):
+        spool.close()
+    assert "spool.kept seconds=3.5 files=1 replayed_on_next_start=true" in caplog.text
