@@ -1,9 +1,11 @@
 """Wall-clock time of a stream-time sample, for the `time` field of payloads.
 
 Stream time advances with captured samples, not with the wall clock: it
-stops while a microphone is unplugged. The clock keeps anchors (a sample and
-the wall time it was captured) and adds one whenever capture drifts from the
-last anchor by more than a second, so a gap does not skew later times.
+stops while a microphone is unplugged or muted. The clock keeps anchors (a
+sample and the wall time it was captured) and adds one at the first sample
+of a hand-over that came later than the last anchor predicts (a gap), or
+much earlier, so a gap does not skew the times after it, nor the hand-over
+right after it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from datetime import UTC, datetime
 from edged.config import SAMPLE_RATE
 
 _MAX_ANCHORS = 1024
-_DRIFT_S = 1.0
+# A hand-over is handled on the event loop, a little after its last sample:
+# lateness under this is that delay, not a gap in capture. Above it, a new
+# anchor, so no time is off by more than this.
+_GAP_S = 0.25
+# Earlier than predicted happens only after an anchor made late by a busy
+# loop (or a clock step): re-anchored past this.
+_EARLY_S = 1.0
 
 
 class StreamClock:
@@ -22,14 +30,17 @@ class StreamClock:
         self._samples: list[int] = []
         self._walls: list[float] = []
 
-    def captured(self, end_sample: int, wall: float) -> None:
-        """`end_sample` (exclusive) was captured at `wall` (seconds since the epoch)."""
+    def captured(self, end_sample: int, wall: float, samples: int) -> None:
+        """The `samples` before `end_sample` (exclusive) were handed over, the
+        last of them captured at `wall` (seconds since the epoch)."""
+        start_sample = end_sample - samples
+        start_wall = wall - samples / SAMPLE_RATE
         if self._samples:
-            predicted = self._walls[-1] + (end_sample - self._samples[-1]) / SAMPLE_RATE
-            if abs(predicted - wall) <= _DRIFT_S:
+            late = start_wall - (self._walls[-1] + (start_sample - self._samples[-1]) / SAMPLE_RATE)
+            if -_EARLY_S <= late <= _GAP_S:
                 return
-        self._samples.append(end_sample)
-        self._walls.append(wall)
+        self._samples.append(start_sample)
+        self._walls.append(start_wall)
         if len(self._samples) > _MAX_ANCHORS:
             del self._samples[0], self._walls[0]
 

@@ -117,7 +117,7 @@ class Daemon:
             (previous.id, previous.transcribed) if previous else None)
         for record in self.spool.records:  # recovered audio keeps its capture time
             self.clock.captured(record.end, record.wall + samples_to_seconds(
-                record.end - record.start))
+                record.end - record.start), record.end - record.start)
         self.buffer = AudioBuffer(settings.buffer.max_seconds * SAMPLE_RATE, spool=self.spool,
                                   head=position, acknowledged=self.outbox.transcribed,
                                   release_limit=lambda: self.outbox.durable_transcribed)
@@ -198,7 +198,7 @@ class Daemon:
         if self.gate is not None:  # judged before the sender is woken by the append
             self.gate.feed(self.buffer.head, data)
         self.buffer.append(data, now - samples_to_seconds(len(data) // SAMPLE_WIDTH))
-        self.clock.captured(self.buffer.head, now)
+        self.clock.captured(self.buffer.head, now, len(data) // SAMPLE_WIDTH)
         if self.monitor.wants_audio:  # level metering costs CPU only while watched
             self.monitor.feed_audio(data)
 

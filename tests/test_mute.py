@@ -24,7 +24,7 @@ from tests.support.storage import fill, read_only, tmpfs
 from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import script
 from tests.support.waiting import assert_quiet, wait_until
-from tests.test_end_to_end import assert_no_late_transcripts
+from tests.test_end_to_end import assert_captured_at, assert_no_late_transcripts
 
 STATE = "edged/testpi/state"
 MUTE = "edged/testpi/mute"
@@ -126,11 +126,13 @@ def test_mute_over_mqtt_releases_the_microphone_and_the_session_and_unmute_goes_
     assert unmuted["reconnects"] == 0, "an unmute is not a reconnect"
     assert mute_states(subscriber)[-2:] == [b"ON", b"OFF"]
     assert flag(stack)["muted"] is False
-    audio, _ = script([["charlie", "delta"]])
-    mic.play(audio)
+    audio, truth = script([["charlie", "delta"]])
+    offset = mic.play(audio)
     after = subscriber.next(TRANSCRIPT, timeout=20).json()
 
     assert after["text"] == "Charlie delta."
+    # Stamped with when it was said, not with the time the mute began.
+    assert_captured_at([after], truth, offset, mic)
     assert after["seq"] == first["seq"] + 1, "the outbox goes on: nothing lost, nothing twice"
     assert after["stream_id"] == first["stream_id"]
     assert after["start"] > first["end"], "stream time goes on across the mute"
