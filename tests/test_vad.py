@@ -112,11 +112,6 @@ def test_only_speech_is_sent_and_every_word_arrives_across_idle_timeouts(
         assert [session.closed_idle for session in stt.sessions] == [True, True, False]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edged bug: after the service closes an idle session, the hang-over it was sent "
-    "but never acknowledged (silence gets no final) is still sendable, so edged "
-    "reconnects at once and sends it again, every idle timeout for as long as the "
-    "silence lasts (reconnects, billed audio), instead of when speech comes"))
 def test_with_gating_a_session_closed_for_idleness_comes_back_only_when_speech_does(
     stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
 ) -> None:

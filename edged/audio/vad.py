@@ -78,6 +78,12 @@ class SpeechGate:
             self._ranges[-1].end = end  # the hang-over after speech
 
     @property
+    def last_speech_end(self) -> int:
+        """Where the last frame judged as speech ends (a large negative
+        number before any): it grows only when someone speaks."""
+        return self._last_speech_end
+
+    @property
     def in_speech(self) -> bool:
         return bool(self._ranges) and self._ranges[-1].end >= self.judged
 

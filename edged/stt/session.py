@@ -54,6 +54,9 @@ log = logging.getLogger("edged.stt")
 MAX_FRAME_BYTES = SAMPLE_RATE * SAMPLE_WIDTH // 4  # 250 ms: the protocol's largest frame
 RECV_BYTES = 16 * 1024  # per read from the socket; see _read_in_small_buffers
 STABLE_SESSION_S = 30.0  # a session that lived this long resets the backoff
+# A close from the service after this long without audio is an idle timeout:
+# services finalise within about a second of the last audio they get.
+IDLE_CLOSE_QUIET_S = 2.0
 
 
 @dataclass
@@ -87,6 +90,9 @@ class SttSession:
         self._on_change = on_change
         self._on_partial = on_partial
         self.gate = gate  # with voice-activity gating: send only what it marks
+        # With gating: the last speech heard when the service closed a session
+        # by itself (see _speech_pending); None while that is not the case.
+        self._speech_when_closed_on: int | None = None
         self._audio = asyncio.Event()
         self._closing = asyncio.Event()
         self._wake = asyncio.Event()  # cuts a backoff short: closing or reconfigured
@@ -96,6 +102,7 @@ class SttSession:
         self._failures = 0  # consecutive, for the backoff
         self._resumed = False  # the next session follows a mute, not a lost connection
         self._last_sent = 0.0  # monotonic time of the last frame of any kind
+        self._last_audio_sent = 0.0  # of the last audio frame
 
     @property
     def _frame_bytes(self) -> int:
@@ -163,11 +170,10 @@ class SttSession:
         """With gating, connect only when there is speech to send: a session
         the service closed for idleness comes back when someone talks."""
         assert self.gate is not None
-        start = max(self.finals.acknowledged, self.buffer.oldest)
-        if self.gate.next_sendable(start) is None:
+        if not self._speech_pending():
             self.stats.state = "idle"
             self._on_change()
-        while self.gate.next_sendable(max(self.finals.acknowledged, self.buffer.oldest)) is None:
+        while not self._speech_pending():
             if self._closing.is_set():
                 return False
             # Silence is settled: it needs no session, and no disk either.
@@ -175,6 +181,22 @@ class SttSession:
             self._audio.clear()
             await self._audio.wait()
         return not self._closing.is_set()
+
+    def _speech_pending(self) -> bool:
+        """Whether gated audio waits to be sent: a span of speech (with its
+        pre-roll and hang-over) past the transcription point, unless the
+        service closed the last session for idleness (a close frame after
+        `IDLE_CLOSE_QUIET_S` without audio) and nobody has spoken since. What
+        is pending then was heard by the service, which gave no final for it:
+        the hang-over after the last words. Sent again at once, it would only
+        be closed on again, every idle timeout for as long as the silence
+        lasts; it goes with the next speech instead (a word the service did
+        hear and never finalised waits for that too: delayed, never lost)."""
+        assert self.gate is not None
+        if self.gate.next_sendable(max(self.finals.acknowledged, self.buffer.oldest)) is None:
+            return False
+        heard = self._speech_when_closed_on
+        return heard is None or self.gate.last_speech_end > heard
 
     # -- one connection ------------------------------------------------------
 
@@ -193,6 +215,7 @@ class SttSession:
         self._resumed = False
         self.stats.state = "connected"
         self.stats.last_error = None
+        self._speech_when_closed_on = None
         self.buffer.session_opened()
         timeline = SessionTimeline()
         start = max(self.finals.acknowledged, self.buffer.oldest)
@@ -210,6 +233,12 @@ class SttSession:
             lost = _lost_connection(group.exceptions[0])
         finally:
             self._connection = None
+            if (self.gate is not None and connection.protocol.close_rcvd is not None
+                    and time.monotonic() - self._last_audio_sent >= IDLE_CLOSE_QUIET_S):
+                # The service closed the session (a close frame, not a lost
+                # connection) after a quiet while: an idle timeout. What it was
+                # sent it has heard, with time to give its finals.
+                self._speech_when_closed_on = self.gate.last_speech_end
             await connection.close()
             self.buffer.session_lost(self.finals.acknowledged)
             # A session that delivered a final, or lived a while, proved the
@@ -290,7 +319,7 @@ class SttSession:
             if delay > 0:
                 await asyncio.sleep(delay)
             await connection.send(piece.data)
-            self._last_sent = time.monotonic()
+            self._last_sent = self._last_audio_sent = time.monotonic()
             self.stats.sent_samples += piece.samples
             pacer.sent(seconds)
             timeline.record_send(piece.start, piece.samples)
