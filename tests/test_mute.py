@@ -9,7 +9,7 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import script
 from tests.support.waiting import assert_quiet, wait_until
 from tests.test_end_to_end import assert_captured_at, assert_no_late_transcripts
+from tests.test_storage_faults import wait_for_state
 
 STATE = "edged/testpi/state"
 MUTE = "edged/testpi/mute"
@@ -38,20 +39,6 @@ WATCHDOG_USEC = 2_000_000  # a ping every second
 def command(stack: Stack, payload: bytes | str, retain: bool = False) -> None:
     publish.single(MUTE_SET, payload, qos=1, retain=retain, hostname="127.0.0.1",
                    port=stack.broker.port)
-
-
-def wait_for_state(subscriber: Subscriber, want: Callable[[dict[str, Any]], bool],
-                   timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            last = subscriber.next(STATE, timeout=deadline - time.monotonic()).json()
-        except TimeoutError:
-            break
-        if want(last):
-            return last
-    raise AssertionError(f"no such state within {timeout}s; the last was {last}")
 
 
 def is_muted(state: dict[str, Any]) -> bool:
