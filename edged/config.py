@@ -433,14 +433,7 @@ class Layer:
     values: dict[str, Any] = field(default_factory=dict)
 
     def nested(self) -> dict[str, Any]:
-        tree: dict[str, Any] = {}
-        for dotted, value in self.values.items():
-            node = tree
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return tree
+        return nest(self.values)
 
 
 _LAYERS: contextvars.ContextVar[Sequence[Layer]] = contextvars.ContextVar("edged_layers")
@@ -529,7 +522,7 @@ def _env_layer(environ: Mapping[str, str], problems: list[ConfigError]) -> Layer
                 problems.append(ConfigError("not valid JSON", key=name, source=ENV_SOURCE))
         else:
             values[dotted] = _env_value(dotted, raw)
-    return Layer(ENV_SOURCE, dict(_flatten(_unflatten(values))))
+    return Layer(ENV_SOURCE, dict(_flatten(nest(values))))
 
 
 def _env_value(dotted: str, raw: str) -> Any:
@@ -557,8 +550,16 @@ def _env_value(dotted: str, raw: str) -> Any:
     return parsed["value"]
 
 
-def _unflatten(values: Mapping[str, Any]) -> dict[str, Any]:
-    return Layer("", dict(values)).nested()
+def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys made a tree again, as a config file nests them."""
+    tree: dict[str, Any] = {}
+    for dotted, value in values.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
 
 
 def config_directory(environ: Mapping[str, str]) -> Path:

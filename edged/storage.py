@@ -13,6 +13,7 @@ message text.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -172,6 +173,29 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` atomically and durably: a temporary file
+    beside it, fsync, rename, fsync of the directory, so that after a power
+    cut it holds the old bytes or the new, never a mix. Raises OSError (full,
+    read-only, ...) with nothing half-written left behind."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # read-only: nothing was created either
+            temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def make_directory(path: Path) -> None:

@@ -16,6 +16,7 @@ from edged.control import layer
 from edged.control.changes import differences, plan
 from edged.control.requests import (
     HealthCheck,
+    Mute,
     Reload,
     Request,
     Response,
@@ -281,3 +282,23 @@ def test_the_verdict_names_each_problem() -> None:
 ])
 def test_a_number_command_is_a_bare_finite_number(payload: bytes, parsed: float | str) -> None:
     assert parse_number(payload) == parsed
+
+
+@pytest.mark.parametrize(("payload", "muted"), [
+    (b"", None), (b"{}", None), (b'{"state": "ON"}', True), (b'{"state": " off "}', False),
+    (b'{"state": true}', True), (b'{"state": false, "transaction": 7}', False),
+])
+def test_the_mute_verb_asks_or_sets(payload: bytes, muted: bool | None) -> None:
+    request = parse("mute", payload)
+    assert isinstance(request, Request)
+    assert request.effect == Mute(muted)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"state": "maybe"}', b'{"state": 1}', b'{"state": null}', b'{"mute": "ON"}',
+])
+def test_a_mute_request_that_says_neither_on_nor_off_is_refused(payload: bytes) -> None:
+    response = parse("mute", payload)
+    assert isinstance(response, Response)
+    assert response.status == "error"
+    assert response.error

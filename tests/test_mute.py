@@ -9,7 +9,7 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from tests.support.storage import fill, read_only, tmpfs
 from tests.support.stt_double import SttDouble
 from tests.support.tonespeech import script
 from tests.support.waiting import assert_quiet, wait_until
+from tests.test_control import ask, until_answering
 from tests.test_end_to_end import assert_captured_at, assert_no_late_transcripts
+from tests.test_storage_faults import wait_for_state
 
 STATE = "edged/testpi/state"
 MUTE = "edged/testpi/mute"
@@ -38,20 +40,6 @@ WATCHDOG_USEC = 2_000_000  # a ping every second
 def command(stack: Stack, payload: bytes | str, retain: bool = False) -> None:
     publish.single(MUTE_SET, payload, qos=1, retain=retain, hostname="127.0.0.1",
                    port=stack.broker.port)
-
-
-def wait_for_state(subscriber: Subscriber, want: Callable[[dict[str, Any]], bool],
-                   timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            last = subscriber.next(STATE, timeout=deadline - time.monotonic()).json()
-        except TimeoutError:
-            break
-        if want(last):
-            return last
-    raise AssertionError(f"no such state within {timeout}s; the last was {last}")
 
 
 def is_muted(state: dict[str, Any]) -> bool:
@@ -140,6 +128,31 @@ def test_mute_over_mqtt_releases_the_microphone_and_the_session_and_unmute_goes_
     assert stt.sessions[1].finals_sent == 1, "nothing from before the mute was sent again"
     assert_no_late_transcripts(subscriber)
     assert not spooled(stack)
+
+
+def test_the_mute_request_verb_mutes_a_device_or_the_whole_fleet(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """The `mute` request of fleet control: the same mute as the command topic,
+    answered with the state it left, to one device or to every device."""
+    stack.daemon(control=CONTROL)
+    until_answering(subscriber, "testpi")
+    assert ask(subscriber, "testpi", "mute", {})["data"] == {"muted": False}
+
+    answer = ask(subscriber, "testpi", "mute", {"state": "ON"}, fleet=True)
+    assert answer["status"] == "ok"
+    assert answer["data"] == {"muted": True}
+    wait_for_state(subscriber, is_muted)
+    assert flag(stack)["muted"] is True
+    assert_nothing_heard_while_muted(stack, stt, mic)
+
+    refused = ask(subscriber, "testpi", "mute", {"state": "maybe"})
+    assert refused["status"] == "error"
+    assert ask(subscriber, "testpi", "mute", {})["data"] == {"muted": True}, "still muted"
+
+    assert ask(subscriber, "testpi", "mute", {"state": False})["data"] == {"muted": False}
+    wait_for_state(subscriber, is_streaming)
+    assert mute_states(subscriber)[-2:] == [b"ON", b"OFF"]
 
 
 def test_a_mute_in_an_stt_outage_stops_the_retries_and_the_unmute_sends_the_backlog_once(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edged.config import UNKNOWN, flatten, remote_refusal, validate_layer
+from edged.config import UNKNOWN, flatten, nest, remote_refusal, validate_layer
 from edged.control.requests import MAX_SET_KEYS
 
 KEY_MAX_CHARS = 100
@@ -37,14 +37,7 @@ class Plan:
     @property
     def document(self) -> dict[str, Any]:
         """The layer as its file holds it: nested like a config file."""
-        tree: dict[str, Any] = {}
-        for dotted, value in self.layer.items():
-            node = tree
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return tree
+        return nest(self.layer)
 
 
 def plan(options: Mapping[str, Any], stored: Mapping[str, Any], allowed: Sequence[str],

@@ -14,7 +14,6 @@ module only moves bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -23,7 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from edged.storage import fsync_directory
+from edged.storage import fsync_directory, replace_file
 
 FILE_NAME = "remote-config.json"
 MAX_BYTES = 64 * 1024  # a few keys are a few hundred bytes
@@ -127,17 +126,4 @@ def write(path: Path, document: dict[str, Any]) -> None:
             return
         fsync_directory(path.parent)
         return
-    data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    fsync_directory(path.parent)
+    replace_file(path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")

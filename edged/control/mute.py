@@ -24,7 +24,6 @@ and the spool's, and the write is tried again until it succeeds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from edged.storage import StorageHealth, describe, fsync_directory, quarantine
+from edged.storage import StorageHealth, describe, quarantine, replace_file
 from edged.untrusted import loggable
 
 log = logging.getLogger("edged.control")
@@ -81,23 +80,8 @@ def render_flag(muted: bool, source: str, at: datetime) -> bytes:
 
 
 def write_flag(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably; raises OSError."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # read-only: nothing was created either
-            temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """Replace the flag atomically and durably; raises OSError."""
+    replace_file(path, data, 0o644)
 
 
 class Reading(NamedTuple):
