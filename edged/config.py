@@ -1055,10 +1055,21 @@ def service_user_warnings(loaded: LoadedConfig, user: str = SERVICE_USER) -> lis
 
 # Never settable remotely, whatever control.allowed_keys says: control itself
 # (a remote change must not widen what remote changes may do), the state
-# directory (the layer lives in it), and the secrets (they would be written
-# in clear where the outbox lives, and a remote key swap could send the audio
-# to someone else's account).
-NEVER_REMOTE = ("control", "state_dir", *sorted(SECRET_KEYS), *sorted(SECRET_FILES))
+# directory (the layer lives in it), the secrets (they would be written in
+# clear where the outbox lives, and a remote key swap could send the audio to
+# someone else's account), where the secrets and the audio go (a remote
+# `stt.url` or `mqtt.host` would hand the API key, the broker password and
+# every word to whoever asked), and the device's identity at the broker (its
+# id and client id name it in a broker's ACL: a device that could rename
+# itself could take another's rights). Allowing a whole section (`stt`,
+# `mqtt`) allows its other keys only.
+IDENTITY_AND_DESTINATION = (
+    "device.id", "stt.url", "stt.ca_file", "mqtt.host", "mqtt.port", "mqtt.tls",
+    "mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file", "mqtt.username", "mqtt.client_id",
+    "mqtt.base_topic", "metrics.host",
+)
+NEVER_REMOTE = ("control", "state_dir", *sorted(SECRET_KEYS), *sorted(SECRET_FILES),
+                *IDENTITY_AND_DESTINATION)
 
 
 @dataclass(frozen=True)

@@ -302,3 +302,21 @@ def test_a_mute_request_that_says_neither_on_nor_off_is_refused(payload: bytes) 
     assert isinstance(response, Response)
     assert response.status == "error"
     assert response.error
+
+
+@pytest.mark.parametrize("key", [
+    "stt.url", "stt.ca_file", "mqtt.host", "mqtt.port", "mqtt.tls", "mqtt.username",
+    "mqtt.client_id", "mqtt.base_topic", "mqtt.cert_file", "device.id", "metrics.host",
+])
+def test_where_the_secrets_and_audio_go_is_never_settable_even_with_its_section_allowed(
+        key: str) -> None:
+    """An operator allowing `stt` (to tune stt.params) or `mqtt` must not let a
+    request send the API key, the broker password or the audio elsewhere, nor
+    let a device take another's name at the broker."""
+    value: object = {"mqtt.port": 1884, "mqtt.tls": True}.get(key, "elsewhere.example")
+    planned = plan({key: value}, {}, ["stt", "mqtt", "device", "metrics"], SOURCE)
+    assert [(item.key, item.reason) for item in planned.refused] == [
+        (key, "never settable remotely")]
+    allowed = plan({"stt.replay_speed": 2.0, "mqtt.partials": True}, {},
+                   ["stt", "mqtt"], SOURCE)
+    assert allowed.refused == []
