@@ -121,11 +121,12 @@ def test_each_verb_answers_and_malformed_requests_get_errors(
     # Refused keys: each named with its reason; nothing changes.
     refused = ask(subscriber, "testpi", "config", {"options": {
         "stt": {"url": "ws://elsewhere.example/listen"}, "control.enabled": False,
-        "audio": {"silent_after_s": -5}}})
+        "audio": {"silent_after_s": -5, "device": "hw:9"}}})
     assert refused["status"] == "error"
-    assert refused["error"] == "3 keys refused, nothing changed"
+    assert refused["error"] == "4 keys refused, nothing changed"
     reasons = {item["key"]: item["reason"] for item in refused["data"]["refused"]}
-    assert reasons["stt.url"] == "not allowed (not in control.allowed_keys)"
+    assert reasons["stt.url"] == "never settable remotely"  # where the key and audio go
+    assert reasons["audio.device"] == "not allowed (not in control.allowed_keys)"
     assert reasons["control.enabled"] == "never settable remotely"
     assert reasons["audio.silent_after_s"].startswith(
         "invalid: Input should be greater than or equal to 0")
