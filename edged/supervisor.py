@@ -587,18 +587,25 @@ class Daemon:
 
     async def _listen(self) -> None:
         """Open the microphone and a fresh session, continuing the stream."""
-        if self._listening or self._stopping:
-            return
         stt = self._stt_task
-        if stt is not None:  # a mute taken back before its close was over
+        if self._stopping or (self._listening and stt is not None and not stt.done()
+                              and not self.session.closing):
+            return
+        if stt is not None:
+            # A mute taken back before its close was over: `set_muted` closed
+            # the session at once, and its `run` ends; with the microphone
+            # still open (`_release_audio` never ran) a new session must follow.
             await self._wait_for_session(stt)
             self._stt_task = None
+        if self.muted or self._stopping:
+            return  # muted again (or stopping) while it closed: the next turn follows
         assert self._tasks is not None
         self.session.resume()
         self._stt_task = self._tasks.create_task(self.session.run(), name="stt-session")
-        self.capture = self._make_capture(self.settings)
-        self.capture.start()
-        self._listening = True
+        if not self._listening:
+            self.capture = self._make_capture(self.settings)
+            self.capture.start()
+            self._listening = True
         log.info("privacy.listening resume_from=%.3fs",
                  samples_to_seconds(self.session.finals.acknowledged))
 

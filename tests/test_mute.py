@@ -155,6 +155,25 @@ def test_the_mute_request_verb_mutes_a_device_or_the_whole_fleet(
     assert mute_states(subscriber)[-2:] == [b"ON", b"OFF"]
 
 
+def test_a_mute_taken_back_at_once_leaves_the_daemon_listening(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """ON and OFF in one go (one read of the broker's stream, handled before
+    the mute is carried out): the session the mute closed is followed by a
+    new one, not by a daemon that reconnects forever."""
+    stack.daemon(control=CONTROL)
+    wait_for_state(subscriber, lambda s: is_streaming(s) and s["stt_connected"])
+    publish.multiple([{"topic": MUTE_SET, "payload": word, "qos": 1}
+                      for _ in range(5) for word in (b"ON", b"OFF")],
+                     hostname="127.0.0.1", port=stack.broker.port)
+    wait_until(lambda: len(stt.sessions) >= 2, "the mute to close the first session")
+    wait_for_state(subscriber, lambda s: is_streaming(s) and s["stt_connected"])
+    audio, _ = script([["hotel", "echo"]])
+    mic.play(audio)
+    assert subscriber.next(TRANSCRIPT, timeout=20).json()["text"] == "Hotel echo."
+    assert flag(stack)["muted"] is False
+
+
 def test_a_mute_in_an_stt_outage_stops_the_retries_and_the_unmute_sends_the_backlog_once(
     stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
 ) -> None:
