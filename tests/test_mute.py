@@ -392,3 +392,22 @@ def test_a_flag_that_cannot_be_believed_means_muted(
         assert subscriber.next(TRANSCRIPT, timeout=20).json()["text"] == "Foxtrot."
     else:
         daemon.wait_for_log("privacy.unmuted source=mqtt")  # memory: the disk refused
+
+
+def test_a_stop_with_a_reload_and_a_mute_in_flight_is_clean_and_keeps_the_mute(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """SIGTERM right behind a reload (a new MQTT client) and a mute: the daemon
+    exits 0 with nothing restarted behind the shutdown, and a mute it answered
+    is on disk for the next start."""
+    stack.config(control=CONTROL, mqtt={"keepalive_s": 45})  # the reload makes a new client
+    daemon = stack.daemon(control=CONTROL)
+    until_answering(subscriber, "testpi")
+    subscriber.client.publish("edged/testpi/request/reload", b'{"transaction": "r"}', qos=1)
+    subscriber.client.publish("edged/testpi/request/mute", b'{"state": "ON"}', qos=1)
+    daemon.wait_for_log("control.request verb=reload")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    answers = [m.json() for m in subscriber.pending() if m.topic == "edged/testpi/response/mute"]
+    if answers and answers[-1]["data"] == {"muted": True}:
+        assert flag(stack)["muted"] is True, "a mute answered is a mute kept"
