@@ -86,6 +86,8 @@ class Daemon:
         # Called after a reload applied a new configuration, before a new
         # MQTT client (if any) connects: fleet control follows it there.
         self.reconfigured: list[Callable[[], None]] = []
+        # Called when the shutdown begins: fleet control stops taking requests.
+        self.stopping: list[Callable[[], None]] = []
         # A state directory that cannot be written is a reported condition:
         # the outbox and the spool fall back to memory and retry, audio flows.
         self.storage = StorageHealth(settings.state_retry_s)
@@ -513,6 +515,10 @@ class Daemon:
                      loggable(source))
             return
         self.muted = muted
+        if self._stopping:
+            # `_follow_mute` may be gone before it gets to this: the flag is
+            # written now (privacy first), the shutdown closes the rest.
+            self.mute_flag.store_now(muted, source)
         if muted:
             self.session.close()  # at once: no new session from here on
         log.info("privacy.%s source=%s", "muted" if muted else "unmuted", loggable(source))
@@ -587,18 +593,25 @@ class Daemon:
 
     async def _listen(self) -> None:
         """Open the microphone and a fresh session, continuing the stream."""
-        if self._listening or self._stopping:
-            return
         stt = self._stt_task
-        if stt is not None:  # a mute taken back before its close was over
+        if self._stopping or (self._listening and stt is not None and not stt.done()
+                              and not self.session.closing):
+            return
+        if stt is not None:
+            # A mute taken back before its close was over: `set_muted` closed
+            # the session at once, and its `run` ends; with the microphone
+            # still open (`_release_audio` never ran) a new session must follow.
             await self._wait_for_session(stt)
             self._stt_task = None
+        if self.muted or self._stopping:
+            return  # muted again (or stopping) while it closed: the next turn follows
         assert self._tasks is not None
         self.session.resume()
         self._stt_task = self._tasks.create_task(self.session.run(), name="stt-session")
-        self.capture = self._make_capture(self.settings)
-        self.capture.start()
-        self._listening = True
+        if not self._listening:
+            self.capture = self._make_capture(self.settings)
+            self.capture.start()
+            self._listening = True
         log.info("privacy.listening resume_from=%.3fs",
                  samples_to_seconds(self.session.finals.acknowledged))
 
@@ -619,6 +632,9 @@ class Daemon:
         what the outbox holds. A bad configuration is refused and the old one
         stays in force."""
         async with self._reloading:
+            if self._stopping:  # a shutdown must not see capture or a client start again
+                log.warning("config.reload_refused reason=stopping")
+                return ReloadOutcome(refused="the daemon is stopping")
             self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
             try:
                 return await self._reload()
@@ -678,8 +694,10 @@ class Daemon:
             async with self._audio_lock:  # not while a mute opens or closes it
                 await asyncio.to_thread(self.capture.stop)
                 self.capture = self._make_capture(new)
-                if self._listening:  # a muted microphone stays closed
+                if self._listening and not self.muted:  # a muted microphone stays closed
                     self.capture.start()
+                else:  # (a mute not yet carried out: it stays closed from now)
+                    self._listening = False
         self.session.reconfigure(new)
         if new.metrics != old.metrics:
             self._stop_metrics()
@@ -769,6 +787,10 @@ class Daemon:
     async def _shutdown(self) -> None:
         self._stopping = True
         self.notifier.send(STOPPING=1, STATUS="stopping: sending the last audio and finals")
+        for stop in self.stopping:
+            stop()
+        async with self._reloading:
+            pass  # a reload under way finishes first; any later one is refused
         async with self._audio_lock:  # a mute or unmute under way finishes first
             self.capture.stop()
             self.session.close()

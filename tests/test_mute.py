@@ -155,6 +155,25 @@ def test_the_mute_request_verb_mutes_a_device_or_the_whole_fleet(
     assert mute_states(subscriber)[-2:] == [b"ON", b"OFF"]
 
 
+def test_a_mute_taken_back_at_once_leaves_the_daemon_listening(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """ON and OFF in one go (one read of the broker's stream, handled before
+    the mute is carried out): the session the mute closed is followed by a
+    new one, not by a daemon that reconnects forever."""
+    stack.daemon(control=CONTROL)
+    wait_for_state(subscriber, lambda s: is_streaming(s) and s["stt_connected"])
+    publish.multiple([{"topic": MUTE_SET, "payload": word, "qos": 1}
+                      for _ in range(5) for word in (b"ON", b"OFF")],
+                     hostname="127.0.0.1", port=stack.broker.port)
+    wait_until(lambda: len(stt.sessions) >= 2, "the mute to close the first session")
+    wait_for_state(subscriber, lambda s: is_streaming(s) and s["stt_connected"])
+    audio, _ = script([["hotel", "echo"]])
+    mic.play(audio)
+    assert subscriber.next(TRANSCRIPT, timeout=20).json()["text"] == "Hotel echo."
+    assert flag(stack)["muted"] is False
+
+
 def test_a_mute_in_an_stt_outage_stops_the_retries_and_the_unmute_sends_the_backlog_once(
     stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
 ) -> None:
@@ -373,3 +392,22 @@ def test_a_flag_that_cannot_be_believed_means_muted(
         assert subscriber.next(TRANSCRIPT, timeout=20).json()["text"] == "Foxtrot."
     else:
         daemon.wait_for_log("privacy.unmuted source=mqtt")  # memory: the disk refused
+
+
+def test_a_stop_with_a_reload_and_a_mute_in_flight_is_clean_and_keeps_the_mute(
+    stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber
+) -> None:
+    """SIGTERM right behind a reload (a new MQTT client) and a mute: the daemon
+    exits 0 with nothing restarted behind the shutdown, and a mute it answered
+    is on disk for the next start."""
+    stack.config(control=CONTROL, mqtt={"keepalive_s": 45})  # the reload makes a new client
+    daemon = stack.daemon(control=CONTROL)
+    until_answering(subscriber, "testpi")
+    subscriber.client.publish("edged/testpi/request/reload", b'{"transaction": "r"}', qos=1)
+    subscriber.client.publish("edged/testpi/request/mute", b'{"state": "ON"}', qos=1)
+    daemon.wait_for_log("control.request verb=reload")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    answers = [m.json() for m in subscriber.pending() if m.topic == "edged/testpi/response/mute"]
+    if answers and answers[-1]["data"] == {"muted": True}:
+        assert flag(stack)["muted"] is True, "a mute answered is a mute kept"

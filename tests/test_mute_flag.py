@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from edged.control import mute
 from edged.control.mute import (
     MAX_FLAG_BYTES,
+    MuteFlag,
     parse_command,
     parse_flag,
     read_flag,
     render_flag,
     write_flag,
 )
+from edged.storage import StorageHealth
 
 
 @pytest.mark.parametrize(("payload", "muted"), [
@@ -60,3 +67,38 @@ def test_no_flag_is_not_muted_and_a_damaged_one_is_muted_and_set_aside(tmp_path:
     assert read_flag(path) == (True, True)
     assert not path.exists()
     assert [p.name.startswith("mute.json.damaged-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_a_retry_of_an_old_mute_never_lands_after_a_newer_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mute the disk refused is retried while an unmute is stored: the slow
+    retry must not put the old `muted` back, nor report the newer one saved."""
+    asyncio.run(_retry_then_newer_store(tmp_path, monkeypatch))
+
+
+async def _retry_then_newer_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    health = StorageHealth(1.0)
+    flag = MuteFlag(tmp_path, health)
+    refusing = True
+    slow_write_started = threading.Event()
+
+    def disk(path: Path, data: bytes) -> None:
+        if refusing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if json.loads(data)["muted"]:  # the retry of the old mute: a slow disk
+            slow_write_started.set()
+            time.sleep(0.3)
+        write_flag(path, data)
+
+    monkeypatch.setattr(mute, "write_flag", disk)
+    assert not await flag.store(True, "mqtt")
+    assert health.condition == "full"
+    refusing = False
+    retry = asyncio.create_task(flag.retry())
+    await asyncio.to_thread(slow_write_started.wait, 5)
+    assert await flag.store(False, "mqtt")
+    await retry
+    assert read_flag(tmp_path / "mute.json") == (False, False), "the newest wish is on disk"
+    assert health.condition == "ok"
+    assert not await flag.retry(), "nothing left to retry"

@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -130,51 +131,65 @@ def _there(path: Path) -> bool:
 
 
 class MuteFlag:
-    """The persisted flag of one state directory, reporting to `health`."""
+    """The persisted flag of one state directory, reporting to `health`.
+
+    Every write, first try or retry, writes the newest wish, one write at a
+    time: a retry of a store the disk refused can never land after a newer
+    store and put the old value back, and only the newest wish on disk
+    clears the unsaved condition."""
 
     def __init__(self, state_dir: Path, health: StorageHealth):
         self.path = state_dir / FLAG_NAME
         self.health = health
-        self._unsaved: tuple[bool, str] | None = None  # a store the disk refused
+        self._wish: tuple[int, bool, str] = (0, False, "")  # (generation, muted, source)
+        self._unsaved = False  # the newest wish is not known to be on disk
+        self._writing = threading.Lock()  # a thread's write, or one at the stop
 
     def load(self) -> bool:
         """Whether the daemon starts muted. A flag that had to be doubted is
         written again, as muted (or that write is retried like any other)."""
         reading = read_flag(self.path)
         if reading.doubted:
-            self._store_now(True, "doubted_flag")
+            self.store_now(True, "doubted_flag")
         return reading.muted
 
     async def store(self, muted: bool, source: str) -> bool:
         """Persist `muted` (the I/O on a thread); whether it is on disk now."""
-        data = render_flag(muted, source, datetime.now(UTC))
-        try:
-            await asyncio.to_thread(write_flag, self.path, data)
-        except OSError as error:
-            self._failed(muted, source, error)
-            return False
-        self._saved()
-        return True
+        self._want(muted, source)
+        return self._report(*await asyncio.to_thread(self._write_wish))
 
     async def retry(self) -> bool:
-        """Try a refused store again; whether the disk took it."""
-        if self._unsaved is None:
+        """Try a refused store again (the newest wish); whether the disk took it."""
+        if not self._unsaved:
             return False
-        muted, source = self._unsaved
-        return await self.store(muted, source)
+        return self._report(*await asyncio.to_thread(self._write_wish))
 
-    def _store_now(self, muted: bool, source: str) -> None:
-        try:
-            write_flag(self.path, render_flag(muted, source, datetime.now(UTC)))
-        except OSError as error:
-            self._failed(muted, source, error)
-            return
-        self._saved()
+    def store_now(self, muted: bool, source: str) -> bool:
+        """`store` without leaving the loop: at the start, and at the stop,
+        when no task is left to carry a store out."""
+        self._want(muted, source)
+        return self._report(*self._write_wish())
 
-    def _failed(self, muted: bool, source: str, error: OSError) -> None:
-        self._unsaved = (muted, source)
-        self.health.failed(STORE, error, "write", where=self.path.parent)
+    def _want(self, muted: bool, source: str) -> None:
+        self._wish = (self._wish[0] + 1, muted, source)
+        self._unsaved = True
 
-    def _saved(self) -> None:
-        self._unsaved = None
-        self.health.recovered(STORE)
+    def _write_wish(self) -> tuple[int, OSError | None]:
+        """Write the newest wish (on a thread, or on the loop); what was written."""
+        with self._writing:
+            generation, muted, source = self._wish
+            try:
+                write_flag(self.path, render_flag(muted, source, datetime.now(UTC)))
+            except OSError as error:
+                return generation, error
+            return generation, None
+
+    def _report(self, generation: int, error: OSError | None) -> bool:
+        if error is not None:
+            self._unsaved = True  # (an older wish's failure too: the retry writes the newest)
+            self.health.failed(STORE, error, "write", where=self.path.parent)
+            return False
+        if generation == self._wish[0]:
+            self._unsaved = False
+            self.health.recovered(STORE)
+        return True

@@ -96,6 +96,7 @@ class Control:
         # values, and only the last one needs carrying out.
         self._gain_wanted: float | None = None
         self._gain_setter: asyncio.Task[None] | None = None
+        self._closed = False  # the daemon is stopping
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -103,8 +104,21 @@ class Control:
         """Follow the daemon's configuration now and after every reload;
         call before the daemon's publisher starts."""
         self.daemon.reconfigured.append(self._follow)
+        self.daemon.stopping.append(self._stop)
         self._worker = self.daemon.loop.create_task(self._work(), name="control")
         self._follow()
+
+    def _stop(self) -> None:
+        """The daemon is stopping: no new request is taken (the one under way
+        finishes), so nothing restarts what the shutdown stops."""
+        self._closed = True
+        if self._publisher is not None:
+            for topic_filter in self._filters:
+                self._publisher.unsubscribe(topic_filter)
+        self._filters = ()
+        if self._worker is not None and not self._serial.locked():
+            self._worker.cancel()  # idle: waiting for the next request
+        log.info("control.stopped reason=shutdown")
 
     async def close(self) -> None:
         for task in [self._worker, self._gain_setter, *self._tasks]:
@@ -115,6 +129,8 @@ class Control:
     def _follow(self) -> None:
         """Subscribe (or not) as control.enabled says, on the daemon's
         current publisher (a reload may have made a new one)."""
+        if self._closed:
+            return
         publisher = self.daemon.publisher
         enabled = self.daemon.settings.control.enabled
         wanted: tuple[str, ...] = ()
@@ -141,7 +157,7 @@ class Control:
     # -- requests -------------------------------------------------------------
 
     def _received(self, message: Message) -> None:
-        if self._retained(message):
+        if self._closed or self._retained(message):
             return
         topics = self.daemon.publisher.topics
         source = "fleet" if message.topic.startswith(topics.fleet_request("")) else "device"
@@ -158,6 +174,9 @@ class Control:
     def _mute_received(self, message: Message) -> None:
         """`<base>/<device>/mute/set`: ON or OFF. Whoever may publish there can
         silence the device: subscribed only with control on (and a broker ACL)."""
+        if self._closed:  # (handed over just before the unsubscribe)
+            log.warning("control.mute_ignored reason=stopping")
+            return
         if message.retained:
             # A retained command is replayed at every connection: it would undo
             # whatever was decided since it was sent. Only live commands count.
@@ -175,7 +194,7 @@ class Control:
         """Home Assistant's gain number: a bare number, set as `audio.gain_db`
         through the path of a remote `config` set (allowed keys, validation,
         the remote layer, a reload)."""
-        if self._retained(message):
+        if self._closed or self._retained(message):
             return
         value = parse_number(message.payload)
         if isinstance(value, str):
@@ -216,8 +235,10 @@ class Control:
         return False
 
     async def _work(self) -> None:
-        while True:
+        while not self._closed:
             message, topics, source = await self._queue.get()
+            if self._closed:
+                return
             verb = verb_of(message.topic, (topics.request(""), topics.fleet_request("")))
             if verb is None:
                 log.warning("control.request_ignored topic=%s reason=not_a_verb",
