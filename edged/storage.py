@@ -212,9 +212,9 @@ def read_small_file(path: Path, limit: int) -> bytes | None:
     """The bytes of the regular file at `path`, None when nothing is there.
 
     Whoever can write the directory could have put anything at `path`: a
-    symlink, a directory, a device, or a FIFO, whose plain open would block
-    the reader forever. Those, and a file larger than `limit` bytes, raise
-    `NotAFile`; other failures (permissions, I/O) raise OSError."""
+    symlink, a device, or a FIFO, whose plain open would block the reader
+    forever. Those, and a file larger than `limit` bytes, raise `NotAFile`;
+    other failures (permissions, I/O, a directory) raise OSError."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)

@@ -102,7 +102,7 @@ def read_flag(path: Path) -> Reading:
     try:
         data = read_small_file(path, MAX_FLAG_BYTES)
     except NotAFile as error:
-        # A FIFO, a symlink, a directory, a device or a gigabyte: a plain
+        # A FIFO, a symlink, a device or a gigabyte: a plain
         # open of a FIFO would block the daemon's start for good.
         log.error("control.mute_flag_damaged file=%s reason=%s muted=true "
                   "why=a_user_who_muted_stays_muted", loggable(path.name), error)
