@@ -71,7 +71,9 @@ _TOPIC_LEVEL = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere (TOML and the environment can spell them): no
+    # setting means either, and a JSON answer (`config` get) cannot carry them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DeviceSettings(_Section):

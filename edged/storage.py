@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,12 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     read-only, ...) with nothing half-written left behind."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        # Whatever is at the temporary name (a crash's leftover, or a FIFO
+        # someone planted, on which an open for writing would block forever)
+        # goes first: the file written is always one this call created.
+        temporary.unlink(missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(temporary, flags, mode)
         try:
             view = memoryview(data)
             while view:
@@ -196,6 +202,35 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600) -> None:
             temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+class NotAFile(Exception):
+    """What is at a path is not a small regular file: why (none of its content)."""
+
+
+def read_small_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file at `path`, None when nothing is there.
+
+    Whoever can write the directory could have put anything at `path`: a
+    symlink, a device, or a FIFO, whose plain open would block the reader
+    forever. Those, and a file larger than `limit` bytes, raise `NotAFile`;
+    other failures (permissions, I/O, a directory) raise OSError."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EISDIR):  # a symlink, a directory
+            raise NotAFile("not a regular file") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise NotAFile("not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise NotAFile(f"larger than {limit} bytes")
+    return data
 
 
 def make_directory(path: Path) -> None:

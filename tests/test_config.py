@@ -41,6 +41,9 @@ def write(path: Path, text: str) -> Path:
         ("[audio]\ngain_db = 40.0\n", "audio.gain_db", "less than or equal to 30"),
         ("[audio]\nlevel_interval_s = 0.5\n", "audio.level_interval_s",
          "greater than or equal to 1"),
+        # TOML spells inf and nan; no setting means them, nor can a JSON answer carry them.
+        ("[stt.params]\nboost = inf\n", "stt.params.boost", "got inf"),
+        ("[stt]\nclose_timeout_s = nan\n", "stt.close_timeout_s", "finite number"),
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "run"])

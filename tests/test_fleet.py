@@ -150,6 +150,30 @@ def test_audio_and_availability_payloads_are_checked_too() -> None:
     assert "neither online nor offline" in fleet.devices["maybe"].problems["availability"]
 
 
+def test_numbers_and_times_out_of_any_range_are_marked_not_raised() -> None:
+    fleet = fleet_of({
+        "digits": online(HEALTHY, audio=b'{"rms_dbfs": ' + b"9" * 400 + b"}"),
+        "year-one": online({**HEALTHY, "last_transcript_at": "0001-01-01T00:00:00+14:00"}),
+    })
+    assert "rms_dbfs is not a number" in fleet.devices["digits"].problems["audio"]
+    assert fleet.devices["digits"].rms_dbfs is None
+    year_one = fleet.devices["year-one"]
+    assert "last_transcript_at is out of range" in year_one.problems["state"]
+    assert year_one.last_transcript_at is None
+    rows = {row["device"]: row for row in as_json(list(fleet.devices.values()), NOW)}
+    json.dumps(rows)  # what `edged fleet --json` prints
+    assert rows["year-one"]["trouble"] == "unreadable state"
+
+
+def test_a_message_that_cannot_be_taken_marks_its_device() -> None:
+    fleet = fleet_of({"x": online(HEALTHY)})
+    fleet.failed("edged/x/audio", "not understood (OverflowError)")
+    fleet.failed("edged/unknown/audio", "not understood (OverflowError)")  # no new device
+    fleet.failed("elsewhere", "not understood (OverflowError)")
+    assert fleet.devices["x"].problems == {"audio": "not understood (OverflowError)"}
+    assert set(fleet.devices) == {"x"}
+
+
 def test_a_fixed_payload_clears_its_problem() -> None:
     fleet = fleet_of({"x": online(b"garbage")})
     fleet.receive("edged/x/state", json.dumps(HEALTHY).encode())

@@ -150,10 +150,15 @@ def test_hostile_retained_payloads_are_shown_marked_and_never_obeyed(
         "binary": {"availability": "\xff\x00", "state": b"\xff\xfe\x1b[31m\x00"},
         "noise": {"availability": "online", "state": HEALTHY,
                   "audio": {"rms_dbfs": "-3", "clipping": 7}},
+        "digits": {"availability": "online", "state": HEALTHY,
+                   "audio": b'{"rms_dbfs": ' + b"9" * 400 + b"}"},
+        "year-one": {"availability": "online",
+                     "state": {**HEALTHY, "last_transcript_at": "0001-01-01T00:00:00+14:00"}},
     })
     config = fleet_config(tmp_path, broker.port)
     rows = {row["device"]: row for row in fleet_json(config)}
-    assert set(rows) == {"fine", evil_id, "escapes", "types", "huge", "deep", "binary", "noise"}
+    assert set(rows) == {"fine", evil_id, "escapes", "types", "huge", "deep", "binary", "noise",
+                         "digits", "year-one"}
     assert rows["fine"]["error"] is None
     assert rows[evil_id]["error"] == "device id has unprintable characters"
     assert rows["escapes"]["status"] == "\x1b[2J\x1b]0;owned\x07streaming"  # the data, as JSON
@@ -163,6 +168,8 @@ def test_hostile_retained_payloads_are_shown_marked_and_never_obeyed(
     assert rows["binary"]["error"] == ("availability is neither online nor offline; "
                                        "state is not JSON")
     assert "rms_dbfs is not a number" in rows["noise"]["error"]
+    assert "rms_dbfs is not a number" in rows["digits"]["error"]
+    assert "last_transcript_at is out of range" in rows["year-one"]["error"]
 
     done = run_fleet(config)  # the table, into a pipe
     assert done.returncode == 0, done.stderr.decode()
@@ -171,7 +178,7 @@ def test_hostile_retained_payloads_are_shown_marked_and_never_obeyed(
     assert "\\x1b[2J\\x1b]0;" in text  # its status, escaped (and cut to its column)
     assert "evil\\u202edi\\u2028x" in text
     marked = [line for line in text.splitlines() if line.startswith("    ! ")]
-    assert len(marked) == 7, text  # every device but the fine one has its problem named
+    assert len(marked) == 9, text  # every device but the fine one has its problem named
     assert "status has unprintable characters" in rows["escapes"]["error"]
 
 

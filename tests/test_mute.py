@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -362,7 +363,7 @@ def filled(path: Path) -> Iterator[Path]:
         filler.unlink()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "directory"])
+@pytest.mark.parametrize("damage", ["garbage", "directory", "fifo"])
 def test_a_flag_that_cannot_be_believed_means_muted(
     stack: Stack, stt: SttDouble, mic: FifoMic, subscriber: Subscriber, damage: str
 ) -> None:
@@ -370,28 +371,30 @@ def test_a_flag_that_cannot_be_believed_means_muted(
     state.mkdir()
     if damage == "garbage":
         (state / "mute.json").write_bytes(b'{"muted": fal\x00\xff')
-    else:
+    elif damage == "directory":
         (state / "mute.json").mkdir()
+    else:  # a plain open would block the daemon's start for good
+        os.mkfifo(state / "mute.json")
     daemon = stack.daemon(control=CONTROL)
     muted = wait_for_state(subscriber, lambda s: s["muted"])
     assert muted["status"] == "muted"
-    if damage == "garbage":
+    if damage == "directory":
+        daemon.wait_for_log("control.mute_flag_unreadable")
+        assert muted["storage"] == "unwritable", muted
+    else:
         daemon.wait_for_log("control.mute_flag_damaged")
         assert list(state.glob("mute.json.damaged-*")), "quarantined, not deleted"
         assert flag(stack)["muted"] is True, "written again, clean"
-    else:
-        daemon.wait_for_log("control.mute_flag_unreadable")
-        assert muted["storage"] == "unwritable", muted
     assert not mic.reader_attached
     assert not stt.sessions, "never connected"
     command(stack, b"OFF")  # the user decides
-    if damage == "garbage":
+    if damage == "directory":
+        daemon.wait_for_log("privacy.unmuted source=mqtt")  # memory: the disk refused
+    else:
         wait_for_state(subscriber, is_streaming)
         audio, _ = script([["foxtrot"]])
         mic.play(audio)
         assert subscriber.next(TRANSCRIPT, timeout=20).json()["text"] == "Foxtrot."
-    else:
-        daemon.wait_for_log("privacy.unmuted source=mqtt")  # memory: the disk refused
 
 
 def test_a_stop_with_a_reload_and_a_mute_in_flight_is_clean_and_keeps_the_mute(

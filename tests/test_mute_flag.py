@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,3 +104,50 @@ async def _retry_then_newer_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert read_flag(tmp_path / "mute.json") == (False, False), "the newest wish is on disk"
     assert health.condition == "ok"
     assert not await flag.retry(), "nothing left to retry"
+
+
+def in_time(work: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Run `work` on a thread and fail (instead of hanging the suite) if it blocks."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # handed to the test thread
+            failure.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{what} blocked"
+    if failure:
+        raise failure[0]
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "oversize"])
+def test_a_flag_that_is_not_a_small_regular_file_is_doubted_without_blocking(
+    tmp_path: Path, planted: str
+) -> None:
+    path = tmp_path / "mute.json"
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "symlink":
+        (tmp_path / "elsewhere.json").write_bytes(b'{"muted": false}')
+        path.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        path.write_bytes(b'{"muted": false}' + b" " * MAX_FLAG_BYTES)
+    readings: list[tuple[bool, bool]] = []
+    in_time(lambda: readings.append(read_flag(path)), "reading the flag")
+    assert readings == [(True, True)]
+    assert not path.exists(), "moved aside"
+    assert not path.is_symlink(), "moved aside"
+    assert len(list(tmp_path.glob("mute.json.damaged-*"))) == 1
+
+
+def test_a_fifo_at_the_temporary_name_does_not_block_a_write(tmp_path: Path) -> None:
+    path = tmp_path / "mute.json"
+    os.mkfifo(tmp_path / ".mute.json.tmp")
+    at = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
+    in_time(lambda: write_flag(path, render_flag(True, "mqtt", at)), "writing the flag")
+    assert read_flag(path) == (True, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mute.json"]

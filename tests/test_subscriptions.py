@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as paho
 import paho.mqtt.publish as publish
 
 from edged.config import Settings, load_config
@@ -92,3 +94,67 @@ async def _until(condition: object) -> None:
     assert callable(condition)
     while not condition():  # noqa: ASYNC110 - the publisher's state, set from paho's thread
         await asyncio.sleep(0.05)
+
+
+async def heard_after_publishing(broker: Mosquitto, inbox: asyncio.Queue[tuple[Message, bool]],
+                                 topic: str, payload: bytes) -> Message:
+    """Publish until heard: a SUBSCRIBE just sent may not be granted yet."""
+    for _ in range(50):
+        publish_once(broker, topic, payload)
+        try:
+            return await heard(inbox, within_s=0.2)
+        except TimeoutError:
+            continue
+    raise AssertionError(f"nothing heard on {topic}")
+
+
+def test_a_filter_added_while_the_connection_is_being_announced_is_subscribed(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+        publisher = MqttPublisher(settings(broker, tmp_path), Outbox(tmp_path / "o.sqlite3"),
+                                  asyncio.get_running_loop())
+        announced = threading.Event()
+        on_connect = publisher._client.on_connect
+
+        def traced(*args: Any) -> None:
+            on_connect(*args)  # the real one: its snapshot of the filters is taken
+            announced.set()
+
+        publisher._client.on_connect = traced
+        publisher.start()
+        try:
+            # The loop is held here, so the publisher's `_connected` (queued by
+            # paho's thread) has not run: the window a reload's filter can fall into.
+            assert announced.wait(10), "no connection"
+            assert not publisher.connected
+            publisher.subscribe(TOPIC, lambda m: inbox.put_nowait((m, True)))
+            message = await heard_after_publishing(broker, inbox, TOPIC, b"late filter")
+            assert message.payload == b"late filter"
+        finally:
+            await publisher.stop(within_s=1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_topic_that_is_not_utf8_is_dropped_and_messages_still_flow(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        inbox: asyncio.Queue[tuple[Message, bool]] = asyncio.Queue()
+        publisher = MqttPublisher(settings(broker, tmp_path), Outbox(tmp_path / "o.sqlite3"),
+                                  asyncio.get_running_loop())
+        publisher.subscribe("edged/subpi/request/+", lambda m: inbox.put_nowait((m, True)))
+        publisher.start()
+        try:
+            await asyncio.wait_for(_until(lambda: publisher.connected), 10)
+            # mosquitto refuses such topics; a laxer broker would hand this to paho.
+            bad = paho.MQTTMessage(topic=b"edged/subpi/request/\xff\xfe")
+            bad.payload = b"{}"
+            publisher._on_message(publisher._client, None, bad)  # must not raise
+            publisher._on_message(publisher._client, None, bad)
+            message = await heard_after_publishing(broker, inbox, TOPIC, b"still here")
+            assert message.payload == b"still here"
+        finally:
+            await publisher.stop(within_s=1.0)
+
+    asyncio.run(scenario())

@@ -14,15 +14,12 @@ module only moves bytes.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from edged.storage import fsync_directory, replace_file
+from edged.storage import NotAFile, fsync_directory, read_small_file, replace_file
 
 FILE_NAME = "remote-config.json"
 MAX_BYTES = 64 * 1024  # a few keys are a few hundred bytes
@@ -91,22 +88,12 @@ def read(path: Path) -> dict[str, Any]:
     """The layer's document, {} when there is none. Raises `Damaged` for what
     is not a layer, OSError for a file that cannot be read (permissions: the
     caller says so, and leaves the file where it is)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
+        data = read_small_file(path, MAX_BYTES)
+    except NotAFile as error:
+        raise Damaged(str(error)) from None
+    if data is None:
         return {}
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.EISDIR):  # a symlink, a directory
-            raise Damaged("not a regular file") from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise Damaged("not a regular file")  # a FIFO would block every load
-        data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise Damaged(f"larger than {MAX_BYTES} bytes")
     try:
         document = parse_json(data)
     except ValueError as error:

@@ -6,7 +6,7 @@ power cut leaves the old flag or the new one, never half of either.
 
 The file is hostile like every byte from outside. No file means never muted.
 A file that is there but cannot be believed (not JSON, no boolean `muted`,
-too large, not readable, a directory) means *muted*: a user who muted expects
+too large, not readable, a directory, a FIFO, a symlink) means *muted*: a user who muted expects
 to stay muted, and a mute that silently turns itself off after an SD card
 hiccup would break the one promise the feature makes. So doubt keeps the
 microphone closed, the log says so at error level, the damaged file is
@@ -32,7 +32,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from edged.storage import StorageHealth, describe, quarantine, replace_file
+from edged.storage import (
+    NotAFile,
+    StorageHealth,
+    describe,
+    quarantine,
+    read_small_file,
+    replace_file,
+)
 from edged.untrusted import loggable
 
 log = logging.getLogger("edged.control")
@@ -94,10 +101,14 @@ def read_flag(path: Path) -> Reading:
     """What the flag at `path` says, doubt meaning muted (module docstring).
     Never raises; a file that is not a flag is quarantined; both are logged."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_FLAG_BYTES + 1)
-    except FileNotFoundError:
-        return Reading(muted=False, doubted=False)
+        data = read_small_file(path, MAX_FLAG_BYTES)
+    except NotAFile as error:
+        # A FIFO, a symlink, a device or a gigabyte: a plain
+        # open of a FIFO would block the daemon's start for good.
+        log.error("control.mute_flag_damaged file=%s reason=%s muted=true "
+                  "why=a_user_who_muted_stays_muted", loggable(path.name), error)
+        quarantine(path, "not a mute flag")
+        return Reading(muted=True, doubted=True)
     except OSError as error:
         if not _there(path):
             # The state directory itself cannot be searched: whether a flag is
@@ -112,6 +123,8 @@ def read_flag(path: Path) -> Reading:
                   "why=a_user_who_muted_stays_muted", loggable(path.name),
                   loggable(describe(error)))
         return Reading(muted=True, doubted=True)
+    if data is None:
+        return Reading(muted=False, doubted=False)
     muted = parse_flag(data)
     if muted is None:
         log.error("control.mute_flag_damaged file=%s bytes=%d muted=true "

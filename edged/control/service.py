@@ -239,22 +239,35 @@ class Control:
             message, topics, source = await self._queue.get()
             if self._closed:
                 return
-            verb = verb_of(message.topic, (topics.request(""), topics.fleet_request("")))
-            if verb is None:
-                log.warning("control.request_ignored topic=%s reason=not_a_verb",
-                            loggable(message.topic))
-                continue
-            response_topic = topics.response(verb)
-            decided = parse(verb, message.payload)
+            try:
+                await self._serve(message, topics, source)
+            except Exception:  # a bug: said, and the next request still served
+                log.exception("control.request_failed topic=%s", loggable(message.topic))
+
+    async def _serve(self, message: Message, topics: Topics, source: str) -> None:
+        verb = verb_of(message.topic, (topics.request(""), topics.fleet_request("")))
+        if verb is None:
+            log.warning("control.request_ignored topic=%s reason=not_a_verb",
+                        loggable(message.topic))
+            return
+        response_topic = topics.response(verb)
+        decided = parse(verb, message.payload)
+        if isinstance(decided, Response):
+            response = decided
+        else:
+            async with self._serial:
+                response = await self._answer(decided, source)
+        log.info("control.request verb=%s source=%s status=%s%s", verb, source,
+                 response.status, f" error={loggable(response.error)}"
+                 if response.error else "")
+        try:
+            payload = response.payload()
+        except ValueError:  # a value JSON cannot carry (inf, nan): said, not sent half-way
+            log.exception("control.response_unencodable verb=%s", verb)
             if isinstance(decided, Response):
-                response = decided
-            else:
-                async with self._serial:
-                    response = await self._answer(decided, source)
-            log.info("control.request verb=%s source=%s status=%s%s", verb, source,
-                     response.status, f" error={loggable(response.error)}"
-                     if response.error else "")
-            await self._respond(response_topic, response.payload())
+                return
+            payload = decided.error("internal error (see the device's log)").payload()
+        await self._respond(response_topic, payload)
 
     async def _respond(self, topic: str, payload: bytes) -> None:
         deadline = time.monotonic() + RESPONSE_WAIT_S

@@ -86,13 +86,10 @@ class Fleet:
 
     def receive(self, topic: str, payload: bytes) -> bool:
         """Take one message; whether a device appeared that was not there before."""
-        prefix = self.base + "/"
-        if not topic.startswith(prefix):
+        place = self._place(topic)
+        if place is None:
             return False
-        parts = topic[len(prefix):].split("/")
-        if len(parts) != 2 or parts[1] not in KINDS:
-            return False
-        device_id, kind = parts
+        device_id, kind = place
         device = self.devices.get(device_id)
         new = device is None
         if device is None:
@@ -115,6 +112,24 @@ class Fleet:
             del self.devices[device_id]
             return False
         return new
+
+
+    def failed(self, topic: str, problem: str) -> None:
+        """Taking a message under `topic` failed (a bug): its device shows `problem`."""
+        place = self._place(topic)
+        device = self.devices.get(place[0]) if place else None
+        if place is not None and device is not None:
+            device.problems[place[1]] = problem
+
+    def _place(self, topic: str) -> tuple[str, str] | None:
+        """(device id, kind) of a topic under `base`, None for any other topic."""
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 2 or parts[1] not in KINDS:
+            return None
+        return parts[0], parts[1]
 
 
 # -- parsing ----------------------------------------------------------------------
@@ -231,14 +246,23 @@ def _moment(value: Any) -> datetime | None:
         raise _Bad("is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         raise _Bad("has no time zone")
+    try:  # year 1 at +14:00 parses, yet lies before the first UTC moment there is
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise _Bad("is out of range") from None
     return moment
 
 
 def _level(value: Any, key: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)  # an integer of 400 digits overflows here
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
     raise _Bad(f"audio: {key} is not a number")
 
 

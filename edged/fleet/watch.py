@@ -169,7 +169,11 @@ class Watcher:
         except UnicodeDecodeError:  # the broker should refuse such a topic; not ours then
             return
         with self.lock:
-            new = self.fleet.receive(topic, bytes(message.payload))
+            try:
+                new = self.fleet.receive(topic, bytes(message.payload))
+            except Exception as error:  # a bug: raised here, it would end paho's thread
+                new = False
+                self.fleet.failed(topic, f"not understood ({type(error).__name__})")
             self.changes += 1
         if new:
             self.new_device.set()

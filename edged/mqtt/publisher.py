@@ -134,6 +134,7 @@ class MqttPublisher:
         self._refused: set[Key] = set()
         # Topic filter -> handler, subscribed again on every connection.
         self._subscriptions: dict[str, MessageHandler] = {}
+        self._bad_topic_logged = False  # said once: a broker that lets them through repeats
         # Touched only in paho's thread, which asks it before each of its waits.
         self._schedule = ReconnectSchedule()
         self._refusal: str | None = None  # a refused CONNACK, told with the disconnect after it
@@ -199,8 +200,11 @@ class MqttPublisher:
         """Hand messages on `topic_filter` to `handler`, on the loop, for as
         long as this publisher lives (each new connection subscribes again)."""
         self._subscriptions = {**self._subscriptions, topic_filter: handler}
-        if self.connected:
-            self._client.subscribe(topic_filter, qos=1)
+        # Always: `connected` is set on the loop after paho's `_on_connect`
+        # took its snapshot of the filters, and a filter added in between
+        # would be missing on this connection. Not connected, paho returns
+        # MQTT_ERR_NO_CONN and the next `_on_connect` subscribes it.
+        self._client.subscribe(topic_filter, qos=1)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop handing messages on `topic_filter` to anyone."""
@@ -376,11 +380,20 @@ class MqttPublisher:
         return delay
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if message.topic == discovery.birth_topic(self.settings) and message.payload == ONLINE:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            # The broker should have refused it; raised here, it would end
+            # paho's loop (and its reconnecting) for good.
+            if not self._bad_topic_logged:
+                self._bad_topic_logged = True
+                log.warning("mqtt.message_refused reason=topic_not_utf8")
+            return
+        if topic == discovery.birth_topic(self.settings) and message.payload == ONLINE:
             # Home Assistant restarted: it wants the configs again.
             self._loop.call_soon_threadsafe(self._announce)
             return
-        self._loop.call_soon_threadsafe(self._route, message.topic, bytes(message.payload),
+        self._loop.call_soon_threadsafe(self._route, topic, bytes(message.payload),
                                         bool(message.retain))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
