@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,13 +115,22 @@ class Stack:
         return problems
 
 
-@pytest.fixture
-def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
-    setup = Stack(home, broker, stt.url)
+@contextlib.contextmanager
+def honest_stack(home: Path, broker: Mosquitto, stt_url: str) -> Iterator[Stack]:
+    """A device's stack that must end honestly: every daemon with the expected
+    exit status, nothing alarming in its log."""
+    home.mkdir(exist_ok=True)
+    setup = Stack(home, broker, stt_url)
     yield setup
     problems = setup.stop()
-    if problems:  # an honest end: the expected exit status, nothing alarming in the log
+    if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def stack(home: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
+    with honest_stack(home, broker, stt.url) as setup:
+        yield setup
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, Stack
+from tests.conftest import API_KEY, Stack, honest_stack
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.storage import read_only
 from tests.support.stt_double import SttDouble
@@ -210,13 +210,8 @@ def test_a_config_set_survives_a_restart_and_retained_requests_are_not_replayed(
 @pytest.fixture
 def second(tmp_path: Path, broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
     """Another device on the same broker, with its own home and state."""
-    home = tmp_path / "home2"
-    home.mkdir()
-    setup = Stack(home, broker, stt.url)
-    yield setup
-    problems = setup.stop()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    with honest_stack(tmp_path / "home2", broker, stt.url) as setup:
+        yield setup
 
 
 def test_a_fleet_request_is_answered_by_each_device_on_its_own_topic(

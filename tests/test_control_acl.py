@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, honest_stack
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.stt_double import SttDouble
 from tests.support.waiting import assert_quiet
@@ -51,13 +51,8 @@ def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture
 def device_a(tmp_path: Path, acl_broker: Mosquitto, stt: SttDouble) -> Iterator[Stack]:
-    home = tmp_path / "device-a"
-    home.mkdir()
-    setup = Stack(home, acl_broker, stt.url)
-    yield setup
-    problems = setup.stop()
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    with honest_stack(tmp_path / "device-a", acl_broker, stt.url) as setup:
+        yield setup
 
 
 def test_a_device_cannot_command_another_but_the_fleet_tool_can(
