@@ -289,21 +289,12 @@ def test_a_closed_outbox_hands_out_only_what_memory_holds(tmp_path: Path) -> Non
     assert outbox.pending() == []
 
 
-def test_a_read_only_card_without_an_outbox_starts_a_new_stream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("found", ["no_outbox", "an_empty_outbox_file"])
+def test_a_read_only_card_starts_a_new_stream(tmp_path: Path, found: str) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    with read_only(state):
-        outbox = Outbox(state / "outbox.sqlite3")
-        assert outbox.health.condition == "read_only"
-        assert STREAM_ID.fullmatch(outbox.stream_id)
-        assert (outbox.last_seq, outbox.transcribed, outbox.dropped) == (0, 0, 0)
-        assert outbox.add(render, 0).seq == 1
-
-
-def test_a_read_only_card_with_an_empty_outbox_file_starts_a_new_stream(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "outbox.sqlite3").write_bytes(b"")  # created, then the card failed
+    if found == "an_empty_outbox_file":
+        (state / "outbox.sqlite3").write_bytes(b"")  # created, then the card failed
     with read_only(state):
         outbox = Outbox(state / "outbox.sqlite3")
         assert outbox.health.condition == "read_only"
